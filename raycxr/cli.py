@@ -1,0 +1,175 @@
+"""The ``raycxr`` command. Arguments with ``=`` are Hydra overrides; others are names.
+
+    raycxr demo [overrides]                       synthesise + register the demo sites, report on them
+    raycxr synth out=DIR n_per_site=N seed=S      write the synthetic multi-site corpus
+    raycxr sites list | adapters
+    raycxr sites show NAME
+    raycxr sites validate [NAME ...] [check_images=true]
+    raycxr sites build NAME                       run the site's adapter, write its manifest
+    raycxr sites add PATH.yaml                    register a site (copy its YAML into sites_dir)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .config import compose
+
+USAGE = __doc__
+
+
+def _split(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    names = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    return names, overrides
+
+
+def cmd_synth(args: Sequence[str]) -> int:
+    from .stats import print_corpus_table
+    from .synth.generator import synthesize
+
+    names, overrides = _split(args)
+    if names:
+        raise SystemExit(f"raycxr synth takes only overrides (key=value), got {names}")
+    cfg = compose("synth", overrides)
+    stats = synthesize(cfg.out, OmegaConf.to_container(cfg.sites), n_per_site=cfg.n_per_site, seed=cfg.seed,
+                       render_size=cfg.render_size, workers=cfg.workers, overwrite=cfg.overwrite,
+                       preview=cfg.preview)
+    print_corpus_table(stats["sites"], title=f"synthetic corpus in {cfg.out} ({stats['seconds']} s)")
+    return 0
+
+
+def _sites(cfg) -> dict:
+    from .sites.config import discover_sites
+
+    return discover_sites(cfg.sites_dir, data_root=cfg.data_root)
+
+
+def _site_stats(site) -> dict:
+    from .quarantine import Quarantine
+    from .stats import site_statistics
+
+    q = len(Quarantine(site.quarantine_path, site=site.name)) if site.quarantine_path else 0
+    return site_statistics(site.load_manifest(), quarantined=q)
+
+
+def cmd_sites(args: Sequence[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .sites.adapters import ADAPTERS
+    from .stats import print_corpus_table
+
+    names, overrides = _split(args)
+    if not names:
+        raise SystemExit("usage: raycxr sites list|show|validate|build|add|adapters ...")
+    action, names = names[0], names[1:]
+    cfg = compose("sites", overrides)
+    console = Console()
+    if action == "adapters":
+        table = Table(title="site adapters")
+        table.add_column("adapter")
+        table.add_column("reads")
+        for name, cls in sorted(ADAPTERS.items()):
+            table.add_row(name, getattr(cls, "description", ""))
+        console.print(table)
+        return 0
+    if action == "add":
+        from .sites.config import SiteConfig
+
+        if len(names) != 1:
+            raise SystemExit("usage: raycxr sites add PATH.yaml")
+        site = SiteConfig.load(names[0], data_root=cfg.data_root)
+        existing = _sites(cfg)
+        dest = Path(cfg.sites_dir) / f"{site.name}.yaml"
+        if site.name in existing and existing[site.name].yaml_path.resolve() != Path(names[0]).resolve():
+            raise SystemExit(f"a site named '{site.name}' is already registered ({existing[site.name].yaml_path})")
+        if Path(names[0]).resolve() != dest.resolve():
+            shutil.copyfile(names[0], dest)
+        console.print(f"registered site '{site.name}' ({site.adapter}) as {dest}")
+        if not site.has_manifest():
+            console.print(f"  no manifest yet: run `raycxr sites build {site.name}`")
+        return 0
+    sites = _sites(cfg)
+    unknown = [n for n in names if n not in sites]
+    if unknown:
+        raise SystemExit(f"unknown site(s) {unknown}; registered: {sorted(sites)}")
+    if action == "list":
+        table = Table(title=f"sites registered in {cfg.sites_dir}")
+        for col in ("site", "adapter", "root", "manifest", "images", "objective"):
+            table.add_column(col)
+        for s in sites.values():
+            n = str(len(s.load_manifest())) if s.has_manifest() else "-"
+            table.add_row(s.name, s.adapter, str(s.root), "yes" if s.has_manifest() else "missing", n, s.objective)
+        console.print(table)
+        return 0
+    if action == "show":
+        if len(names) != 1:
+            raise SystemExit("usage: raycxr sites show NAME")
+        s = sites[names[0]]
+        console.print_json(json.dumps(s.to_dict()))
+        if s.has_manifest():
+            m = s.load_manifest()
+            console.print(f"labels ({len(m.label_names)}): {', '.join(m.label_names)}")
+            print_corpus_table({s.name: _site_stats(s)}, title=f"site {s.name}")
+        return 0
+    if action == "validate":
+        from .validate import validate_site
+
+        failed = 0
+        for name in names or list(sites):
+            report = validate_site(sites[name], check_images=cfg.check_images, workers=cfg.workers)
+            status = "[green]ok[/green]" if report["ok"] else "[red]FAILED[/red]"
+            console.print(f"{name}: {status} {report['message']}")
+            failed += not report["ok"]
+        return 1 if failed else 0
+    if action == "build":
+        if len(names) != 1:
+            raise SystemExit("usage: raycxr sites build NAME")
+        s = sites[names[0]]
+        m, dropped = s.build_manifest()
+        console.print(f"site '{s.name}': wrote {len(m)} rows to {s.manifest_path}"
+                      + (f"; {len(dropped)} rows dropped, listed in {s.manifest_path.with_name('dropped.csv')}"
+                         if dropped else ""))
+        return 0
+    raise SystemExit(f"unknown action '{action}'; expected list, show, validate, build, add or adapters")
+
+
+def cmd_demo(args: Sequence[str]) -> int:
+    from .demo import run_demo
+
+    names, overrides = _split(args)
+    if names:
+        raise SystemExit(f"raycxr demo takes only overrides (key=value), got {names}")
+    run_demo(compose("demo", overrides))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "sites": cmd_sites}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd = COMMANDS.get(argv[0])
+    if cmd is None:
+        print(f"raycxr: unknown command '{argv[0]}'\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return cmd(argv[1:])
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # user-facing problems (bad config, bad site file, bad manifest): one clear line, no traceback
+        print(f"raycxr {argv[0]}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

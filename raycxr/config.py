@@ -1,0 +1,41 @@
+"""Hydra configuration: every knob of a command is a value in ``configs/`` with a CLI override.
+
+Commands compose their config with Hydra's compose API (no working-directory change, no
+``outputs/`` folder of Hydra's own) so that ``raycxr synth out=DIR seed=3`` behaves like any other
+Hydra override.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_dir() -> Path:
+    """``$RAYCXR_CONFIG_DIR``, else the ``configs/`` folder of the checkout raycxr runs from."""
+    d = Path(os.environ.get("RAYCXR_CONFIG_DIR", REPO_ROOT / "configs"))
+    if not (d / "synth.yaml").is_file():
+        raise FileNotFoundError(f"raycxr config folder not found at {d}; install raycxr from its checkout "
+                                "(pip install -e .) or set RAYCXR_CONFIG_DIR")
+    return d
+
+
+def compose(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``configs/<name>.yaml`` with Hydra overrides such as ``["seed=3", "+x=1"]``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(version_base=None, config_dir=str(config_dir())):
+            cfg = hydra_compose(config_name=name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ValueError(f"bad configuration for '{name}' with overrides {list(overrides)}: {e}") from None
+    OmegaConf.set_readonly(cfg, False)
+    return cfg

@@ -1,0 +1,159 @@
+"""A site is a YAML file: which adapter reads its data, where the data is, and its head settings.
+
+Example (``sites/nih.yaml``)::
+
+    name: nih
+    adapter: manifest            # or nih, chexpert, vindr, padchest, mimic_cxr_jpg, openi, siim, rsna,
+                                 # generic_csv, folder (see `raycxr sites adapters`)
+    root: demo/nih               # relative paths are resolved against `data_root`
+    manifest: manifest.parquet   # relative to root; where `sites build` writes and readers read
+    adapter_options: {}          # passed to the adapter (table paths, column names, ...)
+    labels: {uncertain_policy: ignore}
+    head: {kind: linear}         # Ark task head over the site's own label space
+    expert: {layers: 4}          # UniChest query expert
+    objective: supervised        # or clip, simclr, mocov2, vicreg, slip for unlabelled sites
+    placement: {}                # e.g. {label_selector: {site: nih}} or {resources: {site_nih: 0.001}}
+
+Every key is checked on load; a problem names the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..labels import UNCERTAIN_POLICIES
+from ..manifest import Manifest
+
+OBJECTIVES = ("supervised", "clip", "simclr", "mocov2", "vicreg", "slip")
+_KEYS = {"name", "adapter", "root", "manifest", "description", "adapter_options", "labels", "head",
+         "expert", "objective", "placement", "quarantine"}
+
+
+class SiteConfigError(ValueError):
+    """A site YAML that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class SiteConfig:
+    """A parsed, validated site declaration."""
+
+    name: str
+    adapter: str
+    root: Path
+    manifest_path: Path
+    yaml_path: Path | None = None
+    description: str = ""
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    uncertain_policy: str = "ignore"
+    head: dict[str, Any] = field(default_factory=dict)
+    expert: dict[str, Any] = field(default_factory=dict)
+    objective: str = "supervised"
+    placement: dict[str, Any] = field(default_factory=dict)
+    quarantine_path: Path | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, data_root: str | Path = ".", source: str = "<dict>") -> SiteConfig:
+        def fail(msg: str) -> SiteConfigError:
+            return SiteConfigError(f"site file {source}: {msg}")
+
+        if not isinstance(d, dict):
+            raise fail("must be a mapping of keys to values")
+        unknown = set(d) - _KEYS
+        if unknown:
+            raise fail(f"unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+        for key in ("name", "adapter", "root"):
+            if not d.get(key) or not isinstance(d[key], str):
+                raise fail(f"'{key}' is required and must be a string")
+        name = d["name"]
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise fail(f"name '{name}' may only hold letters, digits, '-' and '_'")
+        from .adapters import list_adapters
+
+        if d["adapter"] not in list_adapters():
+            raise fail(f"adapter '{d['adapter']}' is not registered; known: {list_adapters()}")
+        labels = d.get("labels") or {}
+        policy = labels.get("uncertain_policy", "ignore")
+        if policy not in UNCERTAIN_POLICIES:
+            raise fail(f"labels.uncertain_policy '{policy}' not in {UNCERTAIN_POLICIES}")
+        objective = d.get("objective", "supervised")
+        if objective not in OBJECTIVES:
+            raise fail(f"objective '{objective}' not in {OBJECTIVES}")
+        for key in ("adapter_options", "head", "expert", "placement"):
+            if not isinstance(d.get(key) or {}, dict):
+                raise fail(f"'{key}' must be a mapping")
+        root = Path(d["root"]).expanduser()
+        if not root.is_absolute():
+            root = Path(data_root) / root
+        manifest = Path(d.get("manifest", "manifest.parquet"))
+        manifest = manifest if manifest.is_absolute() else root / manifest
+        quarantine = Path(d["quarantine"]) if d.get("quarantine") else manifest.parent / "quarantine.jsonl"
+        return cls(name=name, adapter=d["adapter"], root=root, manifest_path=manifest,
+                   yaml_path=Path(source) if source != "<dict>" else None,
+                   description=d.get("description", ""), adapter_options=dict(d.get("adapter_options") or {}),
+                   uncertain_policy=policy, head=dict(d.get("head") or {}), expert=dict(d.get("expert") or {}),
+                   objective=objective, placement=dict(d.get("placement") or {}), quarantine_path=quarantine)
+
+    @classmethod
+    def load(cls, path: str | Path, *, data_root: str | Path = ".") -> SiteConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise SiteConfigError(f"site file {path}: does not exist")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SiteConfigError(f"site file {path}: not valid YAML ({e})") from None
+        return cls.from_dict(d, data_root=data_root, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "adapter": self.adapter, "root": str(self.root),
+                "manifest": str(self.manifest_path), "description": self.description,
+                "adapter_options": self.adapter_options, "labels": {"uncertain_policy": self.uncertain_policy},
+                "head": self.head, "expert": self.expert, "objective": self.objective,
+                "placement": self.placement}
+
+    def has_manifest(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def load_manifest(self) -> Manifest:
+        """The site's manifest; a missing one says how to build it."""
+        if not self.has_manifest():
+            raise FileNotFoundError(f"site '{self.name}': no manifest at {self.manifest_path}; run "
+                                    f"`raycxr sites build {self.name}` (or `raycxr synth` for the demo sites)")
+        return Manifest.read(self.manifest_path)
+
+    def build_manifest(self, **overrides: Any) -> tuple[Manifest, list[dict]]:
+        """Run the adapter over the site's data, write the manifest, and list dropped rows next to it."""
+        import csv
+
+        from .adapters import get_adapter
+
+        result = get_adapter(self.adapter).build(self.root, self.name, **{**self.adapter_options, **overrides})
+        result.manifest.write(self.manifest_path)
+        dropped_path = self.manifest_path.with_name("dropped.csv")
+        if result.dropped:
+            with open(dropped_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["image_id", "path", "reason"], extrasaction="ignore")
+                w.writeheader()
+                w.writerows(result.dropped)
+        elif dropped_path.exists():
+            dropped_path.unlink()
+        return result.manifest, result.dropped
+
+
+def discover_sites(sites_dir: str | Path, *, data_root: str | Path = ".") -> dict[str, SiteConfig]:
+    """Every ``*.yaml`` directly in ``sites_dir`` (templates in sub-folders are not registered)."""
+    sites_dir = Path(sites_dir)
+    if not sites_dir.is_dir():
+        raise FileNotFoundError(f"sites folder {sites_dir} does not exist")
+    out: dict[str, SiteConfig] = {}
+    for path in sorted(sites_dir.glob("*.yaml")):
+        site = SiteConfig.load(path, data_root=data_root)
+        if site.name in out:
+            raise SiteConfigError(f"site file {path}: name '{site.name}' is already used by "
+                                  f"{out[site.name].yaml_path}")
+        out[site.name] = site
+    return out
