@@ -2,6 +2,7 @@
 
     raycxr demo [overrides]                       synthesise + register the demo sites, report on them
     raycxr synth out=DIR n_per_site=N seed=S      write the synthetic multi-site corpus
+    raycxr pretrain method=unichest|ark|concurrent|mixed|single [overrides]
     raycxr sites list | adapters
     raycxr sites show NAME
     raycxr sites validate [NAME ...] [check_images=true]
@@ -151,7 +152,23 @@ def cmd_demo(args: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "sites": cmd_sites}
+def cmd_pretrain(args: Sequence[str]) -> int:
+    from .train.local import run_pretrain
+
+    names, overrides = _split(args)
+    if names:
+        raise SystemExit(f"raycxr pretrain takes only overrides (key=value), got {names}")
+    cfg = compose("pretrain", overrides)
+    if cfg.runner != "local":
+        raise ValueError(f"runner '{cfg.runner}' is not available; use runner=local")
+    result = run_pretrain(cfg)
+    last = result["history"][-1] if result["history"] else {}
+    print(f"done: {len(result['history'])} epochs, last loss {last.get('loss', float('nan')):.4f}; "
+          f"checkpoint {result['checkpoint']}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "sites": cmd_sites, "pretrain": cmd_pretrain}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,17 +26,20 @@ class SiteDataset(Dataset):
     - ``image``: ``(1, H, W)`` float32 after ``transform``
     - ``labels`` / ``label_mask``: the site's own label space (uncertain policy applied; mask 0 where
       not annotated), for the site's own head (Ark)
-    - ``targets`` / ``target_mask``: the union label space, if one is given (naive mixing, UniChest)
+    - ``targets`` / ``target_mask``: the union label space, if one is given (naive mixing, UniChest);
+      then the site-space labels are left out, so batches that mix sites collate
     - ``site_index``, ``image_id``, ``report`` (empty string when absent)
+    - ``image2``: a second view of the same image when ``second_view`` is given
     """
 
     def __init__(self, manifest: Manifest, root: str | Path, *, transform: Callable | None = None,
                  split: str | None = None, label_space: UnionLabelSpace | None = None,
                  uncertain_policy: str = "ignore", site_index: int = 0, quarantine: Quarantine | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, second_view: Callable | None = None) -> None:
         self.manifest = manifest.split(split) if split else manifest
         self.root = Path(root)
         self.transform = transform
+        self.second_view = second_view  # e.g. Ark's teacher view (clean) or SimCLR's second crop
         self.site = manifest.site
         self.site_index = site_index
         self.label_space = label_space
@@ -65,19 +68,23 @@ class SiteDataset(Dataset):
         except ImageReadError as e:
             self.quarantine.record(row["image_id"], row["path"], e.reason)
             return None
+        view2 = self.second_view(dict(item)) if self.second_view is not None else None
         if self.transform is not None:
             item = self.transform(item)
         out = {
             "image": torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32),
-            "labels": torch.from_numpy(self.labels[i]),
-            "label_mask": torch.from_numpy(self.label_mask[i]),
             "site_index": torch.tensor(self.site_index),
             "image_id": row["image_id"],
             "report": row["report"] if isinstance(row["report"], str) else "",
         }
+        if view2 is not None:
+            out["image2"] = torch.as_tensor(np.asarray(view2["image"]), dtype=torch.float32)
         if self.label_space is not None:
             out["targets"] = torch.from_numpy(self.targets[i])
             out["target_mask"] = torch.from_numpy(self.target_mask[i])
+        else:
+            out["labels"] = torch.from_numpy(self.labels[i])
+            out["label_mask"] = torch.from_numpy(self.label_mask[i])
         return out
 
 

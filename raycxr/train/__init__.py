@@ -1,0 +1,1 @@
+"""Training: plain PyTorch loops (``loops``), the single-process runner (``local``)."""

@@ -1,0 +1,373 @@
+"""Single-process pretraining from a config: the schedule, checkpoints and resume around the loops.
+
+``raycxr pretrain runner=local`` runs this. It owns what the Ray Train coordinator will own on a
+cluster (which loop to call when, what to checkpoint), with the same loops underneath.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader
+from tqdm import tqdm
+
+from ..dataset import SiteDataset, collate_skip_none
+from ..labels import UnionLabelSpace
+from ..losses import cosine_schedule
+from ..models.ark import ArkModel, make_teacher
+from ..models.encoders import ImageEncoder
+from ..models.unichest import UniChest
+from ..objectives import make_objective
+from ..quarantine import Quarantine
+from ..sites.config import SiteConfig, discover_sites
+from ..transforms import eval_transforms, transforms_from_config
+from .loops import (
+    UniChestLossConfig,
+    ark_site_epoch,
+    concurrent_multitask_epoch,
+    supervised_union_epoch,
+    unichest_epoch,
+)
+
+METHODS = ("unichest", "ark", "concurrent", "mixed", "single")
+
+
+def select_sites(cfg: DictConfig) -> dict[str, SiteConfig]:
+    sites = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
+    wanted = list(cfg.site_names) if cfg.get("site_names") else list(sites)
+    unknown = [s for s in wanted if s not in sites]
+    if unknown:
+        raise ValueError(f"unknown site(s) {unknown}; registered: {sorted(sites)}")
+    return {s: sites[s] for s in wanted}
+
+
+def site_datasets(cfg: DictConfig, sites: dict[str, SiteConfig], *, split: str = "train", train: bool = True,
+                  union: UnionLabelSpace | None = None, second_view: bool = False) -> dict[str, SiteDataset]:
+    """One dataset per site; unreadable images go to that site's quarantine.
+
+    ``second_view``: supervised sites get a clean view (Ark's teacher input); sites with a
+    self-supervised objective get a second augmented view."""
+    tf = transforms_from_config(OmegaConf.to_container(cfg.transforms, resolve=True), train=train)
+    out = {}
+    for i, (name, site) in enumerate(sites.items()):
+        view2 = None
+        if second_view:
+            view2 = eval_transforms(cfg.transforms.size) if site.objective == "supervised" else tf
+        out[name] = SiteDataset(site.load_manifest(), site.root, transform=tf, split=split, label_space=union,
+                                uncertain_policy=site.uncertain_policy, site_index=i,
+                                quarantine=Quarantine(site.quarantine_path, site=name), seed=cfg.seed,
+                                second_view=view2)
+    return out
+
+
+def loader(ds: torch.utils.data.Dataset, cfg: DictConfig, *, shuffle: bool = True) -> DataLoader:
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.num_workers,
+                      collate_fn=collate_skip_none, drop_last=shuffle and len(ds) > cfg.batch_size, generator=g)
+
+
+def adamw(params: list[nn.Parameter] | Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without decay on biases and other 1-D parameters (REFERENCE U.6)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def build_encoder(cfg: DictConfig) -> ImageEncoder:
+    e = cfg.encoder
+    return ImageEncoder(e.name, embed_dim=e.get("embed_dim"), checkpoint=e.get("checkpoint"),
+                        img_size=cfg.transforms.size)
+
+
+def build_text_encoder(cfg: DictConfig, dim: int) -> nn.Module:
+    from ..text import TextEncoder, text_model_dir
+
+    t = cfg.text
+    model_dir = t.model_dir or text_model_dir(t.kind)
+    return TextEncoder(model_dir, embed_dim=dim, max_length=t.max_length, freeze=True)
+
+
+class Run:
+    """Output folder of a run: ``checkpoint.pt`` (latest), stage checkpoints, ``metrics.jsonl``."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = self.out / "metrics.jsonl"
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self, state: dict, name: str = "checkpoint.pt") -> Path:
+        path = self.out / name
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # never a half-written checkpoint
+        return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
+    """Train ``cfg.method`` on the registered sites; returns ``{"history", "checkpoint"}``."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method '{cfg.method}'; expected one of {METHODS}")
+    torch.manual_seed(int(cfg.seed))
+    torch.set_num_threads(max(1, int(cfg.get("threads") or torch.get_num_threads())))
+    run = Run(cfg.out)
+    (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    sites = select_sites(cfg)
+    resume = load_checkpoint(cfg.resume) if cfg.get("resume") else None
+    fn = {"unichest": _run_unichest, "ark": _run_ark, "concurrent": _run_concurrent, "mixed": _run_mixed,
+          "single": _run_single}[cfg.method]
+    return fn(cfg, sites, run, resume)
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="epoch", dynamic_ncols=True)
+
+
+def _report(run: Run, bar: tqdm, record: dict, t0: float) -> None:
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    record["images_per_s"] = round(record.get("images", 0) / max(record["seconds"], 1e-9), 1)
+    run.log(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", ips=record["images_per_s"])
+    bar.update(1)
+
+
+# -- UniChest: conquer then divide --------------------------------------------------------------
+def _run_unichest(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None) -> dict:
+    u = cfg.unichest
+    union = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()})
+    ds = ConcatDataset(list(site_datasets(cfg, sites, union=union).values()))
+    dl = loader(ds, cfg)
+    probe = _probe_batch(site_datasets(cfg, sites, union=union, train=False), cfg.probe_size)
+    encoder = build_encoder(cfg)
+    model = UniChest(encoder, n_experts=u.n_experts, lam=u.lam, bias_ratio=u.bias_ratio, scl_dim=u.scl_dim,
+                     query=OmegaConf.to_container(u.query, resolve=True))
+    text = build_text_encoder(cfg, encoder.dim)
+    loss_cfg = UniChestLossConfig(**OmegaConf.to_container(u.loss, resolve=True))
+    schedule = [("conquer", e) for e in range(u.conquer_epochs)] + [("divide", e) for e in range(u.divide_epochs)]
+    start = 0
+    history: list[dict] = []
+    if resume is not None:
+        _check_resume(resume, "unichest", union.names)
+        model.load_state_dict(resume["model"])
+        text.load_state_dict(resume["text_encoder"])
+        start, history = resume["position"], resume["history"]
+    gen = torch.Generator().manual_seed(int(cfg.seed) + start)
+    opt, opt_stage = None, None
+    bar = _progress(len(schedule), "unichest")
+    bar.update(start)
+    if start == 0:
+        run.log({"method": "unichest", "position": -1, "probe_asl": _unichest_probe(model, text, union.names, probe,
+                                                                                      loss_cfg)})
+    for pos in range(start, len(schedule)):
+        stage, epoch = schedule[pos]
+        if opt_stage != stage:
+            model.set_stage(stage)
+            opt = adamw(list(model.parameters()) + list(text.parameters()), u.lr, u.weight_decay)
+            if resume is not None and resume.get("stage") == stage and resume.get("optimizer"):
+                opt.load_state_dict(resume["optimizer"])
+            opt_stage = stage
+        t0 = time.perf_counter()
+        means = unichest_epoch(model, text, union.names, dl, opt, stage=stage, cfg=loss_cfg,
+                               max_steps=cfg.max_steps_per_epoch, generator=gen)
+        record = {"method": "unichest", "stage": stage, "epoch": epoch, "position": pos, **means,
+                  "probe_asl": _unichest_probe(model, text, union.names, probe, loss_cfg, stage=stage)}
+        history.append(record)
+        _report(run, bar, record, t0)
+        state = {"method": "unichest", "position": pos + 1, "stage": stage, "model": model.state_dict(),
+                 "text_encoder": text.state_dict(), "optimizer": opt.state_dict(), "class_names": union.names,
+                 "site_names": list(sites), "site_index": {n: i for i, n in enumerate(sites)},
+                 "encoder": model.encoder.state_dict(), "history": history,
+                 "config": OmegaConf.to_container(cfg, resolve=True)}
+        path = run.save(state)
+        if pos + 1 < len(schedule) and schedule[pos + 1][0] != stage:
+            run.save(state, f"{stage}.pt")  # divide starts from the end of conquer
+    bar.close()
+    if u.divide_epochs:
+        run.save(load_checkpoint(run.out / "checkpoint.pt"), "divide.pt")
+    return {"history": history, "checkpoint": str(path)}
+
+
+def _probe_batch(datasets: dict[str, SiteDataset], n: int) -> dict | None:
+    """A fixed, un-augmented batch from every site: the same images scored after every epoch."""
+    per = max(1, n // max(len(datasets), 1))
+    items = [d[i] for d in datasets.values() for i in range(min(per, len(d)))]
+    return collate_skip_none(items) if n > 0 else None
+
+
+@torch.no_grad()
+def _unichest_probe(model: UniChest, text: nn.Module, class_names: list[str], probe: dict | None,
+                    cfg: UniChestLossConfig, stage: str = "conquer") -> float | None:
+    """Image ASL (mean over known labels) on the probe batch, in eval mode: a deterministic curve."""
+    if probe is None:
+        return None
+    from ..losses import asymmetric_loss
+
+    was = model.training, text.training
+    model.eval()
+    text.eval()
+    prob = model(probe["image"], text(list(class_names)), stage=stage)["prob"]
+    loss = asymmetric_loss(prob, probe["targets"], probe["target_mask"], gamma_neg=cfg.gamma_neg,
+                           gamma_pos=cfg.gamma_pos, clip=cfg.clip, from_probs=True, reduction="mean")
+    model.train(was[0])
+    text.train(was[1])
+    return round(float(loss), 6)
+
+
+def _check_resume(state: dict, method: str, classes: list[str]) -> None:
+    if state.get("method") != method:
+        raise ValueError(f"cannot resume a '{state.get('method')}' checkpoint as '{method}'")
+    if state.get("class_names") is not None and state["class_names"] != classes:
+        raise ValueError("the checkpoint's class list differs from the sites' union label space")
+
+
+# -- Ark: cyclic rounds over the sites ------------------------------------------------------------
+def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None) -> dict:
+    a = cfg.ark
+    data = site_datasets(cfg, sites, second_view=True)
+    loaders = {n: loader(d, cfg) for n, d in data.items()}
+    site_classes = {n: len(d.manifest.label_names) for n, d in data.items()}
+    student = ArkModel(build_encoder(cfg), {}, proj_dim=a.proj_dim, mlp_projector=a.mlp_projector)
+    teacher_heads_from = None
+    start, history = 0, []
+    if resume is not None:
+        if resume.get("method") != "ark":
+            raise ValueError(f"cannot resume a '{resume.get('method')}' checkpoint as 'ark'")
+        for n, k in resume["site_classes"].items():
+            student.add_head(n, k)
+        for n, kind in resume.get("site_objectives", {}).items():
+            student.add_objective(n, make_objective(kind, student.proj_dim, text_dim=student.proj_dim))
+        student.load_state_dict(resume["model"])
+        teacher_heads_from = resume["teacher"]
+        start, history = resume["position"], resume["history"]
+    text = None
+    if any(s.objective in ("clip", "slip") for s in sites.values()):
+        text = build_text_encoder(cfg, student.proj_dim)
+        if resume is not None and resume.get("text_encoder"):
+            text.load_state_dict(resume["text_encoder"])
+    for n, k in site_classes.items():
+        if n in student.heads or n in student.objectives:
+            continue
+        # a new site joins: a fresh head (or objective), the shared encoder from the checkpoint
+        if sites[n].objective == "supervised":
+            student.add_head(n, k)
+        else:
+            student.add_objective(n, make_objective(sites[n].objective, student.proj_dim, n_classes=k,
+                                                    text_dim=student.proj_dim))
+    teacher = make_teacher(student, seed=int(cfg.seed) + 1)
+    if teacher_heads_from is not None:
+        teacher.load_state_dict(teacher_heads_from, strict=False)
+    order = list(a.order) if a.get("order") else list(sites)
+    if resume is not None and not a.get("order"):
+        # keep the run's order; new sites join at the end of each round (as Ark's continual training does)
+        old = [n for n in resume["order"] if n in sites]
+        order = old + [n for n in sites if n not in old]
+    unknown = [n for n in order if n not in sites]
+    if unknown:
+        raise ValueError(f"ark.order names unknown site(s) {unknown}; sites: {list(sites)}")
+    if resume is not None and order != resume["order"]:
+        # the set of sites changed: continue at the next full round
+        start = -(-start // len(resume["order"])) * len(order)
+    n_units = a.rounds * len(order)
+    momentum = cosine_schedule(a.momentum_base, 1.0, a.rounds, len(order))
+    weight = cosine_schedule(0.0, a.consistency_max, a.rounds, len(order))
+    trainable = list(student.parameters()) + (list(text.parameters()) if text is not None else [])
+    opt = torch.optim.SGD([p for p in trainable if p.requires_grad], lr=a.lr, momentum=0.9,
+                          nesterov=True, weight_decay=a.weight_decay)
+    if resume is not None and resume.get("optimizer") and resume["site_classes"] == site_classes:
+        opt.load_state_dict(resume["optimizer"])
+    bar = _progress(n_units, "ark")
+    bar.update(start)
+    for it in range(start, n_units):
+        rnd, site = divmod(it, len(order))
+        name = order[site]
+        t0 = time.perf_counter()
+        means = ark_site_epoch(student, teacher, name, loaders[name], opt, consistency_weight=float(weight[it]),
+                               momentum=float(momentum[it]), ema_mode=a.ema_mode, max_steps=cfg.max_steps_per_epoch,
+                               text_encoder=text)
+        record = {"method": "ark", "round": rnd, "site": name, "position": it, "momentum": float(momentum[it]),
+                  "consistency_weight": float(weight[it]), **means}
+        history.append(record)
+        _report(run, bar, record, t0)
+        path = run.save({"method": "ark", "position": it + 1, "order": order, "model": student.state_dict(),
+                         "teacher": teacher.state_dict(), "optimizer": opt.state_dict(),
+                         "site_classes": {n: student.heads[n].out_features for n in student.heads},
+                         "site_objectives": {n: sites[n].objective if n in sites else "?" for n in student.objectives},
+                         "text_encoder": text.state_dict() if text is not None else None,
+                         "heads": {n: student.head_state(n) for n in student.heads},
+                         "encoder": student.encoder.state_dict(), "history": history,
+                         "config": OmegaConf.to_container(cfg, resolve=True)})
+    bar.close()
+    return {"history": history, "checkpoint": str(path)}
+
+
+# -- baselines ------------------------------------------------------------------------------------------
+def _run_concurrent(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None) -> dict:
+    data = site_datasets(cfg, sites)
+    model = ArkModel(build_encoder(cfg), {n: len(d.manifest.label_names) for n, d in data.items()},
+                     proj_dim=cfg.ark.proj_dim, mlp_projector=cfg.ark.mlp_projector)
+    opt = adamw(model.parameters(), cfg.baseline.lr, cfg.baseline.weight_decay)
+    return _epochs(cfg, run, "concurrent", model, lambda: concurrent_multitask_epoch(
+        model, {n: loader(d, cfg) for n, d in data.items()}, opt, max_steps=cfg.max_steps_per_epoch))
+
+
+class UnionClassifier(nn.Module):
+    """Encoder + one linear head over the union label space (the naive mixing baseline)."""
+
+    def __init__(self, encoder: ImageEncoder, n_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)[0])
+
+
+def _run_mixed(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None) -> dict:
+    union = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()})
+    dl = loader(ConcatDataset(list(site_datasets(cfg, sites, union=union).values())), cfg)
+    model = UnionClassifier(build_encoder(cfg), len(union))
+    opt = adamw(model.parameters(), cfg.baseline.lr, cfg.baseline.weight_decay)
+    return _epochs(cfg, run, "mixed", model, lambda: supervised_union_epoch(model, dl, opt,
+                                                                            max_steps=cfg.max_steps_per_epoch),
+                   extra={"class_names": union.names})
+
+
+def _run_single(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None) -> dict:
+    if len(sites) != 1:
+        raise ValueError(f"method=single trains on exactly one site; pass site_names=[NAME] (got {list(sites)})")
+    return _run_mixed(cfg, sites, run, resume)
+
+
+def _epochs(cfg: DictConfig, run: Run, method: str, model: nn.Module, epoch_fn, extra: dict | None = None) -> dict:
+    history = []
+    bar = _progress(cfg.baseline.epochs, method)
+    for epoch in range(cfg.baseline.epochs):
+        t0 = time.perf_counter()
+        record = {"method": method, "epoch": epoch, **epoch_fn()}
+        history.append(record)
+        _report(run, bar, record, t0)
+        path = run.save({"method": method, "position": epoch + 1, "model": model.state_dict(),
+                         "encoder": model.encoder.state_dict(), "history": history, **(extra or {}),
+                         "config": OmegaConf.to_container(cfg, resolve=True)})
+    bar.close()
+    return {"history": history, "checkpoint": str(path)}
