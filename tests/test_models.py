@@ -91,3 +91,21 @@ def test_ark_heads_and_teacher():
     assert all(torch.equal(es[k], et[k]) for k in es)  # same encoder weights
     assert not torch.equal(s.heads["nih"].weight, t.heads["nih"].weight)  # independent heads (as Ark)
     assert not any(p.requires_grad for p in t.parameters())
+
+
+def test_zero_shot_on_an_unseen_class_name_through_the_text_encoder():
+    from raycxr.text import TextEncoder, encode_class_names, text_model_dir
+
+    torch.manual_seed(0)
+    model = UniChest(ImageEncoder("resnet18", embed_dim=32), n_experts=3, query=Q)
+    text = TextEncoder(text_model_dir("shipped"), embed_dim=32, max_length=16).eval()
+    # no site of the demo corpus labels tuberculosis; any prompt works as a query
+    names = ["Pneumothorax", "Tuberculosis", "There is a cavitating lesion in the right upper lobe."]
+    with torch.no_grad():
+        q = encode_class_names(text, names, prompt="{}")
+    x = torch.rand(2, 1, 64, 64)
+    for stage in ("conquer", "divide"):
+        model.set_stage(stage)
+        p = model.zero_shot(x, q)
+        assert p.shape == (2, 3) and ((p > 0) & (p < 1)).all()
+    assert not torch.allclose(p[:, 0], p[:, 1])  # different names give different scores
