@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,39 @@ def loader(ds: torch.utils.data.Dataset, cfg: DictConfig, *, shuffle: bool = Tru
                       collate_fn=collate_skip_none, drop_last=shuffle and len(ds) > cfg.batch_size, generator=g)
 
 
+class LocalData:
+    """The data plane of a single process: datasets read straight from the site folders.
+
+    The Ray runner provides the same methods backed by site actors, so the method code below is
+    shared by both."""
+
+    def __init__(self, cfg: DictConfig, sites: dict[str, SiteConfig]) -> None:
+        self.cfg, self.sites = cfg, sites
+        self.union = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()})
+
+    def site_classes(self) -> dict[str, int]:
+        return {n: len(s.load_manifest().label_names) for n, s in self.sites.items()}
+
+    def union_loader(self) -> Iterable:
+        return loader(ConcatDataset(list(site_datasets(self.cfg, self.sites, union=self.union).values())), self.cfg)
+
+    def site_loaders(self, second_view: bool = True) -> dict[str, Iterable]:
+        return {n: loader(d, self.cfg) for n, d in site_datasets(self.cfg, self.sites,
+                                                                  second_view=second_view).items()}
+
+    def probe(self) -> dict | None:
+        return _probe_batch(site_datasets(self.cfg, self.sites, union=self.union, train=False), self.cfg.probe_size)
+
+    def distribute(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer  # one process: nothing to synchronise
+
+    def site_heads(self) -> dict[str, dict]:
+        return {}
+
+    def hand_back_heads(self, heads: dict[str, dict], version: int) -> None:
+        pass
+
+
 def adamw(params: list[nn.Parameter] | Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW without decay on biases and other 1-D parameters (REFERENCE U.6)."""
     params = [p for p in params if p.requires_grad]
@@ -103,6 +137,9 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out / "metrics.jsonl"
 
+    def write_config(self, cfg: DictConfig) -> None:
+        (self.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
     def log(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -125,18 +162,26 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
-    """Train ``cfg.method`` on the registered sites; returns ``{"history", "checkpoint"}``."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method '{cfg.method}'; expected one of {METHODS}")
-    torch.manual_seed(int(cfg.seed))
-    torch.set_num_threads(max(1, int(cfg.get("threads") or torch.get_num_threads())))
-    run = Run(cfg.out)
-    (run.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    """Train ``cfg.method`` on the registered sites in this process; returns ``{"history", "checkpoint"}``."""
+    check_method(cfg)
     sites = select_sites(cfg)
     resume = load_checkpoint(cfg.resume) if cfg.get("resume") else None
+    return train_method(cfg, sites, Run(cfg.out), resume, LocalData(cfg, sites))
+
+
+def check_method(cfg: DictConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method '{cfg.method}'; expected one of {METHODS}")
+
+
+def train_method(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None, data: Any) -> dict:
+    """The method's schedule with a given data plane (local or site actors) and checkpoint sink."""
+    torch.manual_seed(int(cfg.seed))
+    torch.set_num_threads(max(1, int(cfg.get("threads") or torch.get_num_threads())))
+    run.write_config(cfg)
     fn = {"unichest": _run_unichest, "ark": _run_ark, "concurrent": _run_concurrent, "mixed": _run_mixed,
           "single": _run_single}[cfg.method]
-    return fn(cfg, sites, run, resume)
+    return fn(cfg, sites, run, resume, data)
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -152,12 +197,11 @@ def _report(run: Run, bar: tqdm, record: dict, t0: float) -> None:
 
 
 # -- UniChest: conquer then divide --------------------------------------------------------------
-def _run_unichest(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None) -> dict:
+def _run_unichest(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None, data: Any) -> dict:
     u = cfg.unichest
-    union = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()})
-    ds = ConcatDataset(list(site_datasets(cfg, sites, union=union).values()))
-    dl = loader(ds, cfg)
-    probe = _probe_batch(site_datasets(cfg, sites, union=union, train=False), cfg.probe_size)
+    union = data.union
+    dl = data.union_loader()
+    probe = data.probe()
     encoder = build_encoder(cfg)
     model = UniChest(encoder, n_experts=u.n_experts, lam=u.lam, bias_ratio=u.bias_ratio, scl_dim=u.scl_dim,
                      query=OmegaConf.to_container(u.query, resolve=True))
@@ -182,7 +226,7 @@ def _run_unichest(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resum
         stage, epoch = schedule[pos]
         if opt_stage != stage:
             model.set_stage(stage)
-            opt = adamw(list(model.parameters()) + list(text.parameters()), u.lr, u.weight_decay)
+            opt = data.distribute(adamw(list(model.parameters()) + list(text.parameters()), u.lr, u.weight_decay))
             if resume is not None and resume.get("stage") == stage and resume.get("optimizer"):
                 opt.load_state_dict(resume["optimizer"])
             opt_stage = stage
@@ -241,11 +285,10 @@ def _check_resume(state: dict, method: str, classes: list[str]) -> None:
 
 
 # -- Ark: cyclic rounds over the sites ------------------------------------------------------------
-def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None) -> dict:
+def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None, data: Any) -> dict:
     a = cfg.ark
-    data = site_datasets(cfg, sites, second_view=True)
-    loaders = {n: loader(d, cfg) for n, d in data.items()}
-    site_classes = {n: len(d.manifest.label_names) for n, d in data.items()}
+    loaders = data.site_loaders(second_view=True)
+    site_classes = data.site_classes()
     student = ArkModel(build_encoder(cfg), {}, proj_dim=a.proj_dim, mlp_projector=a.mlp_projector)
     teacher_heads_from = None
     start, history = 0, []
@@ -273,6 +316,10 @@ def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: di
         else:
             student.add_objective(n, make_objective(sites[n].objective, student.proj_dim, n_classes=k,
                                                     text_dim=student.proj_dim))
+    if resume is None:  # heads that site actors kept from an earlier run of the same name
+        for n, state in data.site_heads().items():
+            if n in student.heads and state["weight"].shape == student.heads[n].weight.shape:
+                student.heads[n].load_state_dict(state)
     teacher = make_teacher(student, seed=int(cfg.seed) + 1)
     if teacher_heads_from is not None:
         teacher.load_state_dict(teacher_heads_from, strict=False)
@@ -291,8 +338,8 @@ def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: di
     momentum = cosine_schedule(a.momentum_base, 1.0, a.rounds, len(order))
     weight = cosine_schedule(0.0, a.consistency_max, a.rounds, len(order))
     trainable = list(student.parameters()) + (list(text.parameters()) if text is not None else [])
-    opt = torch.optim.SGD([p for p in trainable if p.requires_grad], lr=a.lr, momentum=0.9,
-                          nesterov=True, weight_decay=a.weight_decay)
+    opt = data.distribute(torch.optim.SGD([p for p in trainable if p.requires_grad], lr=a.lr, momentum=0.9,
+                                          nesterov=True, weight_decay=a.weight_decay))
     if resume is not None and resume.get("optimizer") and resume["site_classes"] == site_classes:
         opt.load_state_dict(resume["optimizer"])
     bar = _progress(n_units, "ark")
@@ -316,18 +363,19 @@ def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: di
                          "heads": {n: student.head_state(n) for n in student.heads},
                          "encoder": student.encoder.state_dict(), "history": history,
                          "config": OmegaConf.to_container(cfg, resolve=True)})
+        data.hand_back_heads({n: student.head_state(n) for n in student.heads}, it + 1)
     bar.close()
     return {"history": history, "checkpoint": str(path)}
 
 
 # -- baselines ------------------------------------------------------------------------------------------
-def _run_concurrent(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None) -> dict:
-    data = site_datasets(cfg, sites)
-    model = ArkModel(build_encoder(cfg), {n: len(d.manifest.label_names) for n, d in data.items()},
-                     proj_dim=cfg.ark.proj_dim, mlp_projector=cfg.ark.mlp_projector)
-    opt = adamw(model.parameters(), cfg.baseline.lr, cfg.baseline.weight_decay)
+def _run_concurrent(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None, data: Any) -> dict:
+    model = ArkModel(build_encoder(cfg), data.site_classes(), proj_dim=cfg.ark.proj_dim,
+                     mlp_projector=cfg.ark.mlp_projector)
+    opt = data.distribute(adamw(model.parameters(), cfg.baseline.lr, cfg.baseline.weight_decay))
+    loaders = data.site_loaders(second_view=False)
     return _epochs(cfg, run, "concurrent", model, lambda: concurrent_multitask_epoch(
-        model, {n: loader(d, cfg) for n, d in data.items()}, opt, max_steps=cfg.max_steps_per_epoch))
+        model, loaders, opt, max_steps=cfg.max_steps_per_epoch))
 
 
 class UnionClassifier(nn.Module):
@@ -342,20 +390,20 @@ class UnionClassifier(nn.Module):
         return self.head(self.encoder(x)[0])
 
 
-def _run_mixed(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None) -> dict:
-    union = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()})
-    dl = loader(ConcatDataset(list(site_datasets(cfg, sites, union=union).values())), cfg)
+def _run_mixed(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None, data: Any) -> dict:
+    union = data.union
+    dl = data.union_loader()
     model = UnionClassifier(build_encoder(cfg), len(union))
-    opt = adamw(model.parameters(), cfg.baseline.lr, cfg.baseline.weight_decay)
+    opt = data.distribute(adamw(model.parameters(), cfg.baseline.lr, cfg.baseline.weight_decay))
     return _epochs(cfg, run, "mixed", model, lambda: supervised_union_epoch(model, dl, opt,
                                                                             max_steps=cfg.max_steps_per_epoch),
                    extra={"class_names": union.names})
 
 
-def _run_single(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None) -> dict:
+def _run_single(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None, data: Any) -> dict:
     if len(sites) != 1:
         raise ValueError(f"method=single trains on exactly one site; pass site_names=[NAME] (got {list(sites)})")
-    return _run_mixed(cfg, sites, run, resume)
+    return _run_mixed(cfg, sites, run, resume, data)
 
 
 def _epochs(cfg: DictConfig, run: Run, method: str, model: nn.Module, epoch_fn, extra: dict | None = None) -> dict:
