@@ -153,14 +153,16 @@ def cmd_demo(args: Sequence[str]) -> int:
 
 
 def cmd_pretrain(args: Sequence[str]) -> int:
-    from .train.local import run_pretrain
-
     names, overrides = _split(args)
     if names:
         raise SystemExit(f"raycxr pretrain takes only overrides (key=value), got {names}")
     cfg = compose("pretrain", overrides)
-    if cfg.runner != "local":
-        raise ValueError(f"runner '{cfg.runner}' is not available; use runner=local")
+    if cfg.runner == "local":
+        from .train.local import run_pretrain
+    elif cfg.runner == "ray":
+        from .train.ray_runner import run_pretrain_ray as run_pretrain
+    else:
+        raise ValueError(f"unknown runner '{cfg.runner}'; expected local or ray")
     result = run_pretrain(cfg)
     last = result["history"][-1] if result["history"] else {}
     print(f"done: {len(result['history'])} epochs, last loss {last.get('loss', float('nan')):.4f}; "

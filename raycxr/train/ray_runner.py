@@ -1,0 +1,266 @@
+"""``raycxr pretrain runner=ray``: the same method schedules, on Ray.
+
+- Every site runs as a named :class:`~raycxr.sites.actor.SiteActorImpl` actor that keeps its pixels,
+  transforms and head; the trainer pulls transformed batches by index, several requests ahead.
+- A Ray Train ``TorchTrainer`` (Train V2) runs :func:`train_loop_per_worker` on N workers (gloo on
+  CPU). The loop calls :func:`raycxr.train.local.train_method`, the same schedule code as the local
+  runner, with an actor-backed data plane and a checkpoint sink that reports through
+  ``ray.train.report``. Gradients are averaged across workers before each optimiser step.
+- Resume: run again with the same ``ray.run_name`` / ``ray.storage_path``; Ray hands the latest
+  checkpoint back (``ray.train.get_checkpoint``). ``FailureConfig(max_failures)`` restarts a failed
+  worker group from it, and site actors are restarted by Ray (``max_restarts``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..labels import UnionLabelSpace
+from ..sites.actor import start_site_actor
+from .local import Run, check_method, load_checkpoint, select_sites, train_method
+
+
+def merge_batches(parts: list[dict]) -> dict | None:
+    """Concatenate collated batches from several sites (tensors along dim 0, lists joined)."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    out = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts]
+        out[k] = torch.cat(vals) if isinstance(vals[0], torch.Tensor) else [x for v in vals for x in v]
+    return out
+
+
+class ActorStream:
+    """Batches drawn from site actors: one shuffled pass per iteration, ``prefetch`` requests in flight.
+
+    Each pass permutes all (site, item) pairs with a seed that changes per pass, cuts them into
+    batches, keeps every ``world``-th batch for this worker, and asks each site actor for its part.
+    """
+
+    def __init__(self, actors: list, sizes: list[int], batch_size: int, *, seed: int, rank: int = 0,
+                 world: int = 1, prefetch: int = 4, drop_last: bool = True, **batch_kw: Any) -> None:
+        self.actors, self.sizes, self.batch_size = actors, sizes, batch_size
+        self.seed, self.rank, self.world, self.prefetch = seed, rank, world, max(1, prefetch)
+        self.drop_last, self.batch_kw = drop_last, batch_kw
+        self.epoch = 0
+
+    def _chunks(self) -> list[list[tuple[int, int]]]:
+        pairs = np.array([(a, i) for a, n in enumerate(self.sizes) for i in range(n)], dtype=np.int64)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        pairs = pairs[rng.permutation(len(pairs))] if len(pairs) else pairs
+        n = len(pairs) // self.batch_size if self.drop_last else -(-len(pairs) // self.batch_size)
+        chunks = [pairs[k * self.batch_size:(k + 1) * self.batch_size].tolist() for k in range(n)]
+        n_even = (len(chunks) // self.world) * self.world or len(chunks)  # same step count on every worker
+        return chunks[:n_even][self.rank::self.world]
+
+    def _request(self, chunk: list[tuple[int, int]]) -> list:
+        by_actor: dict[int, list[int]] = {}
+        for a, i in chunk:
+            by_actor.setdefault(a, []).append(i)
+        return [self.actors[a].batch.remote(idx, **self.batch_kw) for a, idx in sorted(by_actor.items())]
+
+    def __iter__(self) -> Iterator[dict | None]:
+        import ray
+
+        chunks = self._chunks()
+        self.epoch += 1
+        pending: deque = deque()
+        it = iter(chunks)
+        for chunk in it:
+            pending.append(self._request(chunk))
+            if len(pending) >= self.prefetch:
+                break
+        while pending:
+            refs = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(self._request(nxt))
+            yield merge_batches(ray.get(refs))
+
+    def __len__(self) -> int:
+        return len(self._chunks())
+
+
+class GradAllReduce:
+    """Optimiser wrapper that averages gradients over the Train workers before stepping.
+
+    Plain all-reduce rather than DDP's wrapper, so the models keep their own methods
+    (``set_stage``, ``heads``) unchanged; DDP's overlap of communication is given up."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        self.optimizer.step()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+
+class ActorData:
+    """The data plane inside a Train worker: site actors instead of local datasets."""
+
+    def __init__(self, cfg: DictConfig, actors: dict[str, Any], rank: int, world: int) -> None:
+        import ray
+
+        self.cfg, self.actors, self.rank, self.world = cfg, actors, rank, world
+        self.info = dict(zip(actors, ray.get([a.info.remote() for a in actors.values()])))
+        self.union = UnionLabelSpace.build({n: i["label_names"] for n, i in self.info.items()})
+        self.union_names = tuple(self.union.names)
+
+    def site_classes(self) -> dict[str, int]:
+        return {n: len(i["label_names"]) for n, i in self.info.items()}
+
+    def _stream(self, names: list[str], **kw: Any) -> ActorStream:
+        import ray
+
+        union_names = kw.get("union_names")
+        sizes = ray.get([self.actors[n].num_items.remote(union_names) for n in names])
+        return ActorStream([self.actors[n] for n in names], sizes, self.cfg.batch_size, seed=int(self.cfg.seed),
+                           rank=self.rank, world=self.world, prefetch=int(self.cfg.ray.prefetch), **kw)
+
+    def union_loader(self) -> ActorStream:
+        return self._stream(list(self.actors), union_names=self.union_names)
+
+    def site_loaders(self, second_view: bool = True) -> dict[str, ActorStream]:
+        return {n: self._stream([n], second_view=second_view) for n in self.actors}
+
+    def probe(self) -> dict | None:
+        import ray
+
+        n = int(self.cfg.probe_size)
+        if n <= 0:
+            return None
+        per = max(1, n // len(self.actors))
+        sizes = ray.get([a.num_items.remote(self.union_names) for a in self.actors.values()])
+        return merge_batches(ray.get([a.batch.remote(list(range(min(per, s))), union_names=self.union_names,
+                                                     train=False)
+                                      for a, s in zip(self.actors.values(), sizes)]))
+
+    def distribute(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | GradAllReduce:
+        return GradAllReduce(optimizer) if self.world > 1 else optimizer
+
+    def site_heads(self) -> dict[str, dict]:
+        import ray
+
+        heads = dict(zip(self.actors, ray.get([a.get_head.remote() for a in self.actors.values()])))
+        return {n: h["state"] for n, h in heads.items() if h is not None}
+
+    def hand_back_heads(self, heads: dict[str, dict], version: int) -> None:
+        import ray
+
+        if self.rank == 0:
+            ray.get([self.actors[n].set_head.remote(h, version) for n, h in heads.items() if n in self.actors])
+
+
+class RayRun(Run):
+    """Checkpoint sink inside a Train worker: rank 0 writes the run folder; every worker reports."""
+
+    def __init__(self, out: str | Path, rank: int) -> None:
+        self.rank = rank
+        self.last: dict = {}
+        if rank == 0:
+            super().__init__(out)
+        else:
+            self.out, self.metrics = Path(out), Path(out) / "metrics.jsonl"
+
+    def write_config(self, cfg: DictConfig) -> None:
+        if self.rank == 0:
+            super().write_config(cfg)
+
+    def log(self, record: dict) -> None:
+        self.last = record
+        if self.rank == 0:
+            super().log(record)
+
+    def save(self, state: dict, name: str = "checkpoint.pt") -> Path:
+        import ray.train
+
+        path = super().save(state, name) if self.rank == 0 else self.out / name
+        if name != "checkpoint.pt":  # stage snapshots (conquer.pt) stay in the run folder only
+            return path
+        metrics = {k: v for k, v in self.last.items() if isinstance(v, (int, float, str))}
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if self.rank == 0:
+                torch.save(state, Path(d) / "checkpoint.pt")
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+        return path
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What every Ray Train worker runs: resume from Ray's checkpoint if any, then the schedule."""
+    import ray.train
+
+    cfg = OmegaConf.create(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(int(cfg.seed) + rank)
+    sites = select_sites(cfg)
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = load_checkpoint(Path(d) / "checkpoint.pt")
+    elif cfg.get("resume"):
+        resume = load_checkpoint(cfg.resume)
+    train_method(cfg, sites, RayRun(cfg.out, rank), resume, ActorData(cfg, config["actors"], rank, world))
+
+
+def run_pretrain_ray(cfg: DictConfig) -> dict[str, Any]:
+    """Start (or join) a Ray cluster, start the site actors, fit the TorchTrainer."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    check_method(cfg)
+    r = cfg.ray
+    if not ray.is_initialized():
+        ray.init(address=r.address, num_cpus=r.num_cpus, include_dashboard=False, log_to_driver=r.log_to_driver,
+                 object_store_memory=int(r.object_store_mb) * 2**20 if r.object_store_mb else None)
+    sites = select_sites(cfg)
+    cfg.out = str(Path(cfg.out).resolve())
+    cfg.sites.data_root = str(Path(cfg.sites.data_root).resolve())
+    cfg.sites.sites_dir = str(Path(cfg.sites.sites_dir).resolve())
+    transforms = OmegaConf.to_container(cfg.transforms, resolve=True)
+    actors = {n: start_site_actor(s, data_root=cfg.sites.data_root, transforms=transforms, site_index=i,
+                                  seed=int(cfg.seed), run_name=r.run_name, max_restarts=r.actor_max_restarts)
+              for i, (n, s) in enumerate(sites.items())}
+    ray.get([a.ping.remote() for a in actors.values()])
+    storage = str(Path(r.storage_path).resolve())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "actors": actors},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker}),
+        run_config=RunConfig(name=r.run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep)),
+    )
+    result = trainer.fit()
+    history = [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")] \
+        if (Path(cfg.out) / "metrics.jsonl").exists() else []
+    return {"history": [h for h in history if h.get("position", 0) >= 0], "checkpoint": str(Path(cfg.out) /
+            "checkpoint.pt"), "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "metrics": result.metrics, "sites": list(sites), "actors": actors}
+
