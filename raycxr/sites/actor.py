@@ -117,7 +117,8 @@ def start_site_actor(site: SiteConfig, *, data_root: str, transforms: dict[str, 
     if placement.get("resources"):
         opts["resources"] = dict(placement["resources"])
     d = site.to_dict()
-    d["root"], d["manifest"] = str(site.root), str(site.manifest_path)
+    # absolute paths: the actor may run in another working directory, or on another node
+    d["root"], d["manifest"] = str(site.root.resolve()), str(site.manifest_path.resolve())
     d.pop("description", None)
     handle = site_actor_class().options(**opts).remote(d, data_root, transforms, site_index, seed)
     _HANDLES.setdefault(opts["name"], handle)

@@ -1,0 +1,71 @@
+"""Ray Train path vs a plain single-process loop, same model, data and batch size, in one run.
+
+Trains the naive-mixing baseline (method=mixed: encoder + one union head) on the demo corpus for
+the same number of steps with `runner=local` (plain PyTorch DataLoader, one process) and with
+`runner=ray` (site actors serving batches, one Ray Train worker), and compares images/s measured
+inside the epoch (start-up excluded). Also measures the site actors' serving rate alone (batches
+pulled as fast as possible, no training), which must exceed what the trainer consumes.
+
+    python benchmarks/ray_overhead.py [--steps 40] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from raycxr.config import compose
+from raycxr.train.local import run_pretrain
+
+
+def epoch_rate(history: list[dict]) -> float:
+    # skip the first epoch (warm-up: model build, first reads, actor start)
+    h = history[1:] or history
+    return sum(r["images"] for r in h) / sum(r["seconds"] for r in h)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    common = ["method=mixed", f"baseline.epochs={args.epochs}", f"max_steps_per_epoch={args.steps}", "batch_size=16",
+              "image_size=128", "threads=1", "probe_size=0"]
+    res: dict = {"steps_per_epoch": args.steps, "batch_size": 16, "image_size": 128, "model": "resnet18 + union head"}
+    local = run_pretrain(compose("pretrain", [*common, f"out={tmp / 'local'}"]))
+    res["plain_loop_images_per_s"] = round(epoch_rate(local["history"]), 1)
+
+    import ray
+
+    from raycxr.train.ray_runner import ActorData, run_pretrain_ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rcfg = compose("pretrain", [*common, "runner=ray", f"out={tmp / 'ray'}", f"ray.storage_path={tmp / 'store'}",
+                                "ray.run_name=bench"])
+    out = run_pretrain_ray(rcfg)
+    res["ray_train_images_per_s"] = round(epoch_rate(out["history"]), 1)
+    res["ray_overhead_percent"] = round(100 * (1 - res["ray_train_images_per_s"] / res["plain_loop_images_per_s"]), 1)
+
+    data = ActorData(rcfg, out["actors"], 0, 1)
+    stream = data.union_loader()
+    t, n = time.perf_counter(), 0
+    for i, b in enumerate(stream):
+        n += len(b["image"])
+        if i + 1 >= args.steps:
+            break
+    res["site_actor_serving_images_per_s"] = round(n / (time.perf_counter() - t), 1)
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "ray_overhead.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
