@@ -253,9 +253,10 @@ def _run_unichest(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resum
 
 def _probe_batch(datasets: dict[str, SiteDataset], n: int) -> dict | None:
     """A fixed, un-augmented batch from every site: the same images scored after every epoch."""
+    if n <= 0:
+        return None
     per = max(1, n // max(len(datasets), 1))
-    items = [d[i] for d in datasets.values() for i in range(min(per, len(d)))]
-    return collate_skip_none(items) if n > 0 else None
+    return collate_skip_none([d[i] for d in datasets.values() for i in range(min(per, len(d)))])
 
 
 @torch.no_grad()
