@@ -41,9 +41,10 @@ def test_ark_on_two_train_workers_hands_heads_back_and_resumes(cluster, small_co
     # a relative data root must still resolve inside the actors (their working directory differs)
     for n in ("nih", "siim"):
         (d / f"{n}.yaml").write_text(yaml.safe_dump({"name": n, "adapter": "manifest", "root": n}))
-    base = ["runner=ray", "method=ark", f"sites.sites_dir={d}", f"sites.data_root={os.path.relpath(small_corpus)}", "image_size=64",
-            "batch_size=4", "ark.proj_dim=16", f"out={tmp_path / 'run'}", f"ray.storage_path={tmp_path / 'store'}",
-            "ray.num_workers=2", "ray.run_name=t-ark", "max_steps_per_epoch=2"]
+    base = ["runner=ray", "method=ark", f"sites.sites_dir={d}", f"sites.data_root={os.path.relpath(small_corpus)}",
+            "image_size=64", "batch_size=4", "ark.proj_dim=16", f"out={tmp_path / 'run'}",
+            f"ray.storage_path={tmp_path / 'store'}", "ray.num_workers=2", "ray.run_name=t-ark",
+            "max_steps_per_epoch=2"]
     res = run_pretrain_ray(compose("pretrain", [*base, "ark.rounds=1"]))
     assert [h["site"] for h in res["history"]] == ["nih", "siim"]
     assert res["ray_checkpoint"] is not None and res["metrics"]["site"] == "siim"
