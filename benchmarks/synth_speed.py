@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raycxr.config import cache_dir
 from raycxr.synth.acquisition import SiteProfile, write_dicom
-from raycxr.synth.anatomy import _cache_dir
 from raycxr.synth.generator import DEFAULT_SITES, source_table, synthesize
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--n-per-site", type=int, default=400)
     args = ap.parse_args()
     res: dict = {"sites": list(DEFAULT_SITES), "n_per_site": args.n_per_site, "workers": 2}
-    tables = Path(_cache_dir()) / "tables"
+    tables = cache_dir() / "tables"
     cached = {s: (tables / f"{s}.parquet").exists() for s in DEFAULT_SITES}
     t = time.perf_counter()
     for s in DEFAULT_SITES:

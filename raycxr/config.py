@@ -16,6 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def cache_dir() -> Path:
+    """Where raycxr caches what it derives once per machine (parsed tables, lung atlas, text models):
+    ``$RAYCXR_CACHE``, else ``~/.cache/raycxr``."""
+    return Path(os.environ.get("RAYCXR_CACHE", Path.home() / ".cache" / "raycxr"))
+
+
 def config_dir() -> Path:
     """``$RAYCXR_CONFIG_DIR``, else the ``configs/`` folder of the checkout raycxr runs from."""
     d = Path(os.environ.get("RAYCXR_CONFIG_DIR", REPO_ROOT / "configs"))

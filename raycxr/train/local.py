@@ -81,10 +81,11 @@ class LocalData:
 
     def __init__(self, cfg: DictConfig, sites: dict[str, SiteConfig]) -> None:
         self.cfg, self.sites = cfg, sites
-        self.union = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()})
+        self.label_names = {n: s.load_manifest().label_names for n, s in sites.items()}
+        self.union = UnionLabelSpace.build(self.label_names)
 
     def site_classes(self) -> dict[str, int]:
-        return {n: len(s.load_manifest().label_names) for n, s in self.sites.items()}
+        return {n: len(names) for n, names in self.label_names.items()}
 
     def union_loader(self) -> Iterable:
         return loader(ConcatDataset(list(site_datasets(self.cfg, self.sites, union=self.union).values())), self.cfg)
@@ -242,13 +243,11 @@ def _run_unichest(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resum
                  "site_names": list(sites), "site_index": {n: i for i, n in enumerate(sites)},
                  "encoder": model.encoder.state_dict(), "history": history,
                  "config": OmegaConf.to_container(cfg, resolve=True)}
-        path = run.save(state)
-        if pos + 1 < len(schedule) and schedule[pos + 1][0] != stage:
-            run.save(state, f"{stage}.pt")  # divide starts from the end of conquer
+        run.save(state)
+        if pos + 1 == len(schedule) or schedule[pos + 1][0] != stage:
+            run.save(state, f"{stage}.pt")  # a snapshot per finished stage: divide starts from conquer.pt
     bar.close()
-    if u.divide_epochs:
-        run.save(load_checkpoint(run.out / "checkpoint.pt"), "divide.pt")
-    return {"history": history, "checkpoint": str(path)}
+    return {"history": history, "checkpoint": str(run.out / "checkpoint.pt")}
 
 
 def _probe_batch(datasets: dict[str, SiteDataset], n: int) -> dict | None:
@@ -278,10 +277,10 @@ def _unichest_probe(model: UniChest, text: nn.Module, class_names: list[str], pr
     return round(float(loss), 6)
 
 
-def _check_resume(state: dict, method: str, classes: list[str]) -> None:
+def _check_resume(state: dict, method: str, classes: list[str] | None) -> None:
     if state.get("method") != method:
         raise ValueError(f"cannot resume a '{state.get('method')}' checkpoint as '{method}'")
-    if state.get("class_names") is not None and state["class_names"] != classes:
+    if classes is not None and state.get("class_names") is not None and state["class_names"] != classes:
         raise ValueError("the checkpoint's class list differs from the sites' union label space")
 
 
@@ -294,8 +293,7 @@ def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: di
     teacher_heads_from = None
     start, history = 0, []
     if resume is not None:
-        if resume.get("method") != "ark":
-            raise ValueError(f"cannot resume a '{resume.get('method')}' checkpoint as 'ark'")
+        _check_resume(resume, "ark", None)
         for n, k in resume["site_classes"].items():
             student.add_head(n, k)
         for n, kind in resume.get("site_objectives", {}).items():
@@ -356,17 +354,17 @@ def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: di
                   "consistency_weight": float(weight[it]), **means}
         history.append(record)
         _report(run, bar, record, t0)
-        path = run.save({"method": "ark", "position": it + 1, "order": order, "model": student.state_dict(),
-                         "teacher": teacher.state_dict(), "optimizer": opt.state_dict(),
-                         "site_classes": {n: student.heads[n].out_features for n in student.heads},
-                         "site_objectives": {n: sites[n].objective if n in sites else "?" for n in student.objectives},
-                         "text_encoder": text.state_dict() if text is not None else None,
-                         "heads": {n: student.head_state(n) for n in student.heads},
-                         "encoder": student.encoder.state_dict(), "history": history,
-                         "config": OmegaConf.to_container(cfg, resolve=True)})
+        run.save({"method": "ark", "position": it + 1, "order": order, "model": student.state_dict(),
+                  "teacher": teacher.state_dict(), "optimizer": opt.state_dict(),
+                  "site_classes": {n: student.heads[n].out_features for n in student.heads},
+                  "site_objectives": {n: sites[n].objective if n in sites else "?" for n in student.objectives},
+                  "text_encoder": text.state_dict() if text is not None else None,
+                  "heads": {n: student.head_state(n) for n in student.heads},
+                  "encoder": student.encoder.state_dict(), "history": history,
+                  "config": OmegaConf.to_container(cfg, resolve=True)})
         data.hand_back_heads({n: student.head_state(n) for n in student.heads}, it + 1)
     bar.close()
-    return {"history": history, "checkpoint": str(path)}
+    return {"history": history, "checkpoint": str(run.out / "checkpoint.pt")}
 
 
 # -- baselines ------------------------------------------------------------------------------------------
@@ -415,8 +413,8 @@ def _epochs(cfg: DictConfig, run: Run, method: str, model: nn.Module, epoch_fn, 
         record = {"method": method, "epoch": epoch, **epoch_fn()}
         history.append(record)
         _report(run, bar, record, t0)
-        path = run.save({"method": method, "position": epoch + 1, "model": model.state_dict(),
-                         "encoder": model.encoder.state_dict(), "history": history, **(extra or {}),
-                         "config": OmegaConf.to_container(cfg, resolve=True)})
+        run.save({"method": method, "position": epoch + 1, "model": model.state_dict(),
+                  "encoder": model.encoder.state_dict(), "history": history, **(extra or {}),
+                  "config": OmegaConf.to_container(cfg, resolve=True)})
     bar.close()
-    return {"history": history, "checkpoint": str(path)}
+    return {"history": history, "checkpoint": str(run.out / "checkpoint.pt")}
