@@ -20,11 +20,10 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    Resized,
     ScaleIntensityRanged,
 )
 
-from .readers import read_image
+from .readers import read_image, resize
 
 
 class LoadCXRd(MapTransform):
@@ -43,6 +42,21 @@ class LoadCXRd(MapTransform):
         return d
 
 
+class ResizeCXRd(MapTransform):
+    """Resize ``(1, H, W)`` to ``(1, size, size)`` with :func:`raycxr.readers.resize`, the resize the
+    ONNX runtime applies (MONAI's ``Resized`` would differ from it by interpolation details)."""
+
+    def __init__(self, keys: str | list[str], size: int) -> None:
+        super().__init__(keys)
+        self.size = int(size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = resize(np.asarray(d[key])[0], self.size)[None]
+        return d
+
+
 def train_transforms(size: int = 224, *, rotate_deg: float = 10.0, scale: float = 0.1, translate: float = 0.05,
                      affine_prob: float = 0.8, contrast_gamma: tuple[float, float] = (0.7, 1.5),
                      contrast_prob: float = 0.5, intensity_scale: float = 0.1, intensity_shift: float = 0.05,
@@ -51,7 +65,7 @@ def train_transforms(size: int = 224, *, rotate_deg: float = 10.0, scale: float 
     """Resize, light affine, contrast (gamma) and intensity jitter, a little noise; clipped to [0, 1]."""
     rot = float(np.deg2rad(rotate_deg))
     return Compose([
-        Resized(keys, spatial_size=(size, size), mode="bilinear", anti_aliasing=True),
+        ResizeCXRd(keys, size),
         RandAffined(keys, prob=affine_prob, rotate_range=(rot,), scale_range=(scale, scale),
                     translate_range=(translate * size, translate * size), padding_mode="zeros"),
         RandAdjustContrastd(keys, prob=contrast_prob, gamma=contrast_gamma),
@@ -66,7 +80,7 @@ def train_transforms(size: int = 224, *, rotate_deg: float = 10.0, scale: float 
 def eval_transforms(size: int = 224, *, keys: str = "image") -> Compose:
     """Deterministic: resize only (the same preprocessing the ONNX runtime applies)."""
     return Compose([
-        Resized(keys, spatial_size=(size, size), mode="bilinear", anti_aliasing=True),
+        ResizeCXRd(keys, size),
         EnsureTyped(keys, dtype=torch.float32, track_meta=False),
     ])
 

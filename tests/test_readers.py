@@ -453,7 +453,7 @@ def test_unsupported_transfer_syntax(tmp_path):
 
 
 def test_missing_plugin_names_what_to_install(tmp_path, monkeypatch):
-    import raycxr.readers as readers
+    import raycxr_runtime.readers as readers  # the implementation raycxr.readers re-exports
 
     class NoPlugin:
         is_available = False

@@ -1,0 +1,504 @@
+"""Image readers for chest radiographs: DICOM, PNG, JPEG, TIFF -> float32 (H, W) in [0, 1].
+
+This module imports only numpy, pydicom, PIL and the standard library (no torch), because the
+same code runs inside the hospital inference runtime, which has no torch.
+
+DICOM display pipeline
+----------------------
+A radiograph's stored values are not what the radiologist sees. The DICOM grayscale pipeline
+(PS3.4 N.2) turns stored values into display values, and a model must see the image the way it
+was reported on, at every site. :func:`read_dicom` therefore does:
+
+1. **Decode** with pydicom 3 (``Dataset.pixel_array``). Compressed transfer syntaxes go through
+   pydicom's decoding plugins, tried in this order until one succeeds: RLE (pylibjpeg-rle, then
+   pydicom's own), JPEG baseline (GDCM, then Pillow), JPEG lossless and JPEG-LS (GDCM only while
+   pylibjpeg-libjpeg is not installed), JPEG 2000 (GDCM, pylibjpeg-openjpeg, Pillow), HTJ2K
+   (pylibjpeg-openjpeg). 12-bit JPEG Extended needs pylibjpeg-libjpeg: neither GDCM (through
+   pydicom) nor Pillow decode it, and the error says so. :func:`decoding_plugins` lists what the
+   current environment has. pydicom masks the unused high bits when *Bits Stored* < *Bits Allocated*
+   (some modalities leave overlay or garbage bits there) and sign-extends signed data.
+2. **Modality LUT** (``apply_modality_lut``): *Rescale Slope/Intercept* or a *Modality LUT
+   Sequence*.
+3. **VOI LUT** (``apply_voi_lut(prefer_lut=True)``): the *VOI LUT Sequence* if present, else
+   the first *Window Center/Width* pair (a file may offer several; the first is the default
+   view). The result is scaled by the VOI *output* range, so a window means what it says:
+   values below it are 0, above it 1. Without a VOI (or with ``apply_voi=False``) the image is
+   min-max scaled (a constant image becomes zeros).
+4. **MONOCHROME1 inversion**: in MONOCHROME1 (common for CR/DX) low values are *white*; we
+   invert so that, as in MONOCHROME2, bone is bright in every site's output.
+
+Colour images (RGB, YBR after pydicom's conversion to RGB, PALETTE COLOR) become grey (BT.601
+luma) scaled by their nominal range, instead of being rejected: secondary captures of CXRs exist.
+
+Why not MONAI's ``PydicomReader``: it applies the rescale only, not the VOI LUT/window nor the
+MONOCHROME1 inversion, so a MONOCHROME1 site's images come out as negatives and every site's
+intensity distribution differs by its acquisition range. That is wrong for CXR.
+
+Errors
+------
+Every failure that is a property of the *file* (missing, not DICOM, truncated, corrupt stream,
+no pixel data, multi-frame, unsupported transfer syntax, too small) raises
+:class:`ImageReadError` naming the file and the reason, never a deep library traceback, so a
+loader can quarantine the image (see :mod:`raycxr.quarantine`) and go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.uid
+from PIL import Image, ImageOps
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+
+__all__ = [
+    "DICOM_SUFFIXES",
+    "MIN_SIZE",
+    "RASTER_SUFFIXES",
+    "SUPPORTED_SUFFIXES",
+    "ImageReadError",
+    "decoding_plugins",
+    "read_dicom",
+    "read_dicom_header",
+    "read_image",
+    "read_raster",
+    "resize",
+]
+
+logger = logging.getLogger(__name__)
+
+DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom", ".dic")
+RASTER_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SUPPORTED_SUFFIXES: tuple[str, ...] = DICOM_SUFFIXES + RASTER_SUFFIXES
+MIN_SIZE = 8  # images smaller than MIN_SIZE x MIN_SIZE are rejected as "too small"
+
+# ITU-R BT.601 luma, the weights Pillow's convert("L") uses, so DICOM and raster colour agree.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_RGB_LIKE = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+_REQUIRED_IMAGE_ATTRS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
+
+
+class ImageReadError(Exception):
+    """An image file that cannot be turned into a radiograph array. ``str()`` is ``"{path}: {reason}"``."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Default pickling would call ImageReadError(message) and fail; Ray / multiprocessing
+        # workers ship exceptions back to the driver pickled.
+        return (type(self), (self.path, self.reason))
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read any supported radiograph file as float32 (H, W) in [0, 1].
+
+    Dispatch: DICOM suffixes -> :func:`read_dicom`; PNG/JPEG/TIFF suffixes -> :func:`read_raster`;
+    anything else (no suffix, or UID-named files such as ``1.2.840.113619.2.55`` whose "suffix"
+    is ``.55``) is sniffed: the ``DICM`` marker at byte 128 means DICOM, otherwise it is tried
+    as a raster image and finally as a DICOM data set without preamble.
+    """
+    p = _existing_file(path)
+    suffix = p.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return read_dicom(p)
+    if suffix in RASTER_SUFFIXES:
+        return read_raster(p)
+    if _has_dicm_marker(p):
+        return read_dicom(p)
+    try:
+        return read_raster(p)
+    except ImageReadError as raster_err:
+        try:
+            return read_dicom(p)
+        except ImageReadError as dicom_err:
+            raise ImageReadError(
+                p,
+                f"unrecognised image format (suffix {p.suffix!r}); as raster: {raster_err.reason}; "
+                f"as DICOM: {dicom_err.reason}",
+            ) from None
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def read_dicom_header(path: str | os.PathLike[str]) -> pydicom.Dataset:
+    """Read the DICOM header only (``stop_before_pixels``); :class:`ImageReadError` if not DICOM."""
+    p = _existing_file(path)
+    return _read_dataset(p, stop_before_pixels=True)
+
+
+def read_dicom(path: str | os.PathLike[str], *, apply_voi: bool = True) -> np.ndarray:
+    """Read a single-frame DICOM radiograph through the display pipeline (see module docstring).
+
+    ``apply_voi=False`` skips the VOI LUT / window and min-max scales the modality values
+    instead (MONOCHROME1 is still inverted).
+    """
+    p = _existing_file(path)
+    ds = _read_dataset(p, stop_before_pixels=False)
+    _check_image(p, ds)
+    arr = _decode(p, ds)
+    try:
+        out = _to_display(p, ds, arr, apply_voi=apply_voi)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # malformed LUT descriptors and the like: a property of the file
+        raise ImageReadError(p, f"cannot apply the display pipeline: {type(exc).__name__}: {exc}") from exc
+    return _finish(p, out)
+
+
+def decoding_plugins() -> dict[str, tuple[str, ...]]:
+    """Installed pydicom decoding plugins per compressed transfer syntax (for start-up logs).
+
+    An empty tuple means that transfer syntax cannot be decoded in this environment.
+    """
+    syntaxes = [
+        pydicom.uid.RLELossless,
+        pydicom.uid.JPEGBaseline8Bit,
+        pydicom.uid.JPEGExtended12Bit,
+        pydicom.uid.JPEGLossless,
+        pydicom.uid.JPEGLosslessSV1,
+        pydicom.uid.JPEGLSLossless,
+        pydicom.uid.JPEGLSNearLossless,
+        pydicom.uid.JPEG2000Lossless,
+        pydicom.uid.JPEG2000,
+        pydicom.uid.HTJ2KLossless,
+        pydicom.uid.HTJ2KLosslessRPCL,
+        pydicom.uid.HTJ2K,
+    ]
+    return {ts.name: tuple(get_decoder(ts).available_plugins) for ts in syntaxes}
+
+
+def _read_dataset(p: Path, *, stop_before_pixels: bool) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(p, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        pass  # no preamble / "DICM": maybe a raw (ACR-NEMA style) data set, tried below
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(p, f"corrupt or truncated DICOM file: {type(exc).__name__}: {exc}") from exc
+
+    # force=True parses almost anything (a text file becomes one nonsense element), so accept
+    # the result only when it looks like a DICOM image or SOP instance.
+    try:
+        ds = pydicom.dcmread(p, stop_before_pixels=stop_before_pixels, force=True)
+        plausible = "SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds)
+    except MemoryError:
+        raise
+    except Exception:
+        plausible = False
+    if not plausible:
+        raise ImageReadError(p, "not a DICOM file (no 'DICM' marker at byte 128, not a raw DICOM data set)")
+    return ds
+
+
+def _check_image(p: Path, ds: pydicom.Dataset) -> None:
+    """Reject what is not a single-frame radiograph before spending time decoding it."""
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise ImageReadError(p, "float pixel data (parametric map) is not a radiograph")
+        what = f"Modality={ds.get('Modality', '?')}, SOPClassUID={_sop_class_name(ds)}"
+        if "Rows" in ds:
+            raise ImageReadError(p, f"image attributes but no PixelData: file truncated? ({what})")
+        raise ImageReadError(p, f"no PixelData: not an image object or file truncated ({what})")
+    missing = [k for k in _REQUIRED_IMAGE_ATTRS if ds.get(k) in (None, "")]
+    if missing:
+        raise ImageReadError(p, f"missing required image attribute(s): {', '.join(missing)}")
+
+    raw_frames = ds.get("NumberOfFrames", 1)
+    try:
+        frames = int(raw_frames) if raw_frames not in (None, "") else 1
+    except (TypeError, ValueError):
+        raise ImageReadError(p, f"invalid NumberOfFrames {raw_frames!r}") from None
+    if frames > 1:
+        raise ImageReadError(p, f"multi-frame DICOM ({frames} frames) is not a single radiograph")
+
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if rows < MIN_SIZE or cols < MIN_SIZE:
+        raise ImageReadError(p, f"too small ({rows}x{cols}, minimum {MIN_SIZE}x{MIN_SIZE})")
+
+    pi = str(ds.PhotometricInterpretation).strip().upper()
+    if pi not in _MONOCHROME + _RGB_LIKE + ("PALETTE COLOR",):
+        raise ImageReadError(p, f"unsupported PhotometricInterpretation {pi!r}")
+
+
+def _decode(p: Path, ds: pydicom.Dataset) -> np.ndarray:
+    ts = _transfer_syntax(p, ds)
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise ImageReadError(
+            p, f"unsupported transfer syntax {ts.name} ({ts}): pydicom has no decoder for it"
+        ) from None
+    if not decoder.is_available:
+        raise ImageReadError(
+            p,
+            f"cannot decode transfer syntax {ts.name}: no decoding plugin installed; install one of: "
+            + "; ".join(decoder.missing_dependencies),
+        )
+    try:
+        arr = ds.pixel_array
+    except MemoryError:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())  # pydicom lists per-plugin failures on several lines
+        missing = "; ".join(decoder.missing_dependencies)
+        if missing and "not support" in detail:
+            # e.g. 12-bit JPEG Extended: GDCM (via pydicom) and Pillow refuse it, pylibjpeg-libjpeg
+            # decodes it. The file is fine; the environment lacks the plugin.
+            reason = (
+                f"unsupported {ts.name} variant for the installed plugins ({detail}); "
+                f"install one of: {missing}"
+            )
+        else:
+            reason = f"corrupt or truncated pixel data ({ts.name}): {type(exc).__name__}: {detail}"
+            if missing:
+                reason += f"; other plugins that may decode it: {missing}"
+        raise ImageReadError(p, reason) from exc
+
+    spp = int(ds.SamplesPerPixel)
+    expected_ndim = 2 if spp == 1 else 3
+    if arr.ndim != expected_ndim or (spp > 1 and arr.shape[-1] != spp):
+        raise ImageReadError(
+            p, f"decoded pixel array has unexpected shape {arr.shape} for SamplesPerPixel={spp}"
+        )
+    return arr
+
+
+def _transfer_syntax(p: Path, ds: pydicom.Dataset) -> pydicom.uid.UID:
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts:
+        return pydicom.uid.UID(ts)
+    # Raw data sets (no file meta): the encoding pydicom parsed them with is the transfer syntax,
+    # unless the pixel data is encapsulated (then the codec is unknowable).
+    if ds["PixelData"].is_undefined_length:
+        raise ImageReadError(p, "compressed (encapsulated) pixel data but no TransferSyntaxUID")
+    implicit, little = ds.original_encoding
+    if little is False:
+        ts = pydicom.uid.ExplicitVRBigEndian
+    elif implicit:
+        ts = pydicom.uid.ImplicitVRLittleEndian
+    else:
+        ts = pydicom.uid.ExplicitVRLittleEndian
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ts
+
+
+def _to_display(p: Path, ds: pydicom.Dataset, arr: np.ndarray, *, apply_voi: bool) -> np.ndarray:
+    pi = str(ds.PhotometricInterpretation).strip().upper()
+    if pi == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        return _luma(rgb) / float(np.iinfo(rgb.dtype).max if rgb.dtype.kind in "ui" else 1.0)
+    if pi in _RGB_LIKE:
+        # pydicom has already converted YBR to RGB; values are display values in the nominal range.
+        bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+        return _luma(arr) / float(2**bits - 1)
+
+    values = apply_modality_lut(arr, ds)
+    out: np.ndarray | None = None
+    if apply_voi:
+        kind = _voi_kind(ds)
+        if kind is not None:
+            try:
+                lo, hi = _voi_output_range(ds, kind)
+                if kind == "lut" and values.dtype.kind == "f":
+                    # LUT input must be integral; a rescale with integer slope/intercept gives floats.
+                    values = np.rint(values).astype(np.int64)
+                windowed = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+                out = np.clip((np.asarray(windowed, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
+            except (ValueError, NotImplementedError, ZeroDivisionError) as exc:
+                # e.g. WindowWidth < 1: the pixels are fine, only the suggested window is not.
+                logger.warning("%s: ignoring invalid VOI (%s); using min-max scaling", p, exc)
+                out = None
+    if out is None:
+        out = _minmax(values)
+    if pi == "MONOCHROME1":
+        out = 1.0 - out
+    return out
+
+
+def _voi_kind(ds: pydicom.Dataset) -> str | None:
+    """What ``apply_voi_lut(prefer_lut=True)`` will apply (mirrors its checks)."""
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        return "lut"
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return "window"
+    return None
+
+
+def _voi_output_range(ds: pydicom.Dataset, kind: str) -> tuple[float, float]:
+    """The (value for black, value for white) that the VOI maps into."""
+    if kind == "lut":
+        item = ds.VOILUTSequence[0]
+        declared_bits = int(item.LUTDescriptor[2])
+        data = item.LUTData
+        if isinstance(data, (bytes, bytearray)):  # VR OW: raw 16-bit words, as apply_voi reads them
+            little = ds.original_encoding[1] is not False
+            entries = np.frombuffer(bytes(data)[: len(data) // 2 * 2], dtype="<u2" if little else ">u2")
+        else:
+            entries = np.atleast_1d(np.asarray(data, dtype=np.int64))
+        lut_max = int(entries.max()) if entries.size else 0
+        # Vendors often declare 16 bits per entry for a 12-bit LUT; scaling by 65535 would give
+        # a near-black image, so use the depth the data actually needs (as dcmtk does).
+        bits = min(declared_bits, max(8, lut_max.bit_length()))
+        return 0.0, float(2**bits - 1)
+
+    # Same output range as pydicom's apply_windowing (PS3.3 C.11.2.1.2).
+    bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
+    if ds.get("ModalityLUTSequence"):
+        y_min, y_max = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif int(ds.get("PixelRepresentation", 0)) == 0:
+        y_min, y_max = 0.0, float(2**bits_stored - 1)
+    else:
+        y_min, y_max = float(-(2 ** (bits_stored - 1))), float(2 ** (bits_stored - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        y_min = y_min * float(slope) + float(intercept)
+        y_max = y_max * float(slope) + float(intercept)
+    if y_max == y_min:
+        raise ZeroDivisionError("VOI output range is empty")
+    return y_min, y_max
+
+
+def _sop_class_name(ds: pydicom.Dataset) -> str:
+    uid = ds.get("SOPClassUID")
+    if not uid:
+        return "?"
+    name = pydicom.uid.UID(uid).name
+    return name if name and name != str(uid) else str(uid)
+
+
+def _has_dicm_marker(p: Path) -> bool:
+    try:
+        with p.open("rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+# ----------------------------------------------------------------------------- PNG / JPEG / TIFF
+
+
+def read_raster(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a PNG / JPEG / TIFF radiograph as float32 (H, W) in [0, 1].
+
+    8-bit data is divided by 255, 16-bit (mode ``I;16*``, or ``I`` within 0..65535) by 65535;
+    RGB(A) becomes BT.601 luma with the alpha channel dropped. EXIF orientation is applied.
+    """
+    p = _existing_file(path)
+    try:
+        with Image.open(p) as im:
+            frames = int(getattr(im, "n_frames", 1))
+            if frames > 1:
+                raise ImageReadError(p, f"multi-page image ({frames} pages) is not a single radiograph")
+            im.load()
+            arr = _pil_to_unit(p, ImageOps.exif_transpose(im))
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # UnidentifiedImageError, truncated streams, decompression bombs
+        raise ImageReadError(p, f"unreadable image file: {type(exc).__name__}: {exc}") from exc
+    return _finish(p, arr)
+
+
+def _pil_to_unit(p: Path, im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "1":
+        return np.asarray(im, dtype=np.float64)
+    if mode == "L":
+        return np.asarray(im, dtype=np.float64) / 255.0
+    if mode == "LA":
+        return np.asarray(im.getchannel(0), dtype=np.float64) / 255.0
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.float64) / 65535.0
+    if mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        if a.size and a.min() >= 0 and a.max() <= 65535:  # 16-bit data Pillow widened to int32
+            return a / 65535.0
+        return _minmax(a)
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0:
+            return a
+        return _minmax(np.nan_to_num(a))
+    try:
+        # RGB, RGBA (alpha dropped, not composited), P, PA, CMYK, YCbCr, ...
+        rgb = im.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageReadError(p, f"unsupported image mode {mode!r}: {exc}") from exc
+    return _luma(np.asarray(rgb)) / 255.0
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _existing_file(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(p, "file not found")
+    if not p.is_file():
+        raise ImageReadError(p, "not a regular file")
+    if not os.access(p, os.R_OK):
+        raise ImageReadError(p, "file not readable (permission denied)")
+    return p
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(rgb[..., :3], dtype=np.float64) @ _LUMA
+
+
+def _minmax(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:  # constant image: zeros, not a division by zero
+        return np.zeros(a.shape, dtype=np.float64)
+    return (a - lo) / (hi - lo)
+
+
+def _finish(p: Path, a: np.ndarray) -> np.ndarray:
+    if a.ndim != 2:
+        raise ImageReadError(p, f"expected a 2-D image, got shape {a.shape}")
+    h, w = a.shape
+    if h < MIN_SIZE or w < MIN_SIZE:
+        raise ImageReadError(p, f"too small ({h}x{w}, minimum {MIN_SIZE}x{MIN_SIZE})")
+    # Guard against float rounding just outside the interval (e.g. luma of 255s).
+    return np.ascontiguousarray(np.clip(a, 0.0, 1.0), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- model input
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a (H, W) float32 radiograph to (size, size): bilinear, antialiased when shrinking.
+
+    This is *the* resize of raycxr: training, evaluation and the hospital runtime all call it, so
+    a model sees the same pixels in production as in its test split. Pillow's float mode is used
+    (not torch or MONAI) because the runtime has neither.
+    """
+    if image.ndim != 2:
+        raise ValueError(f"resize expects a (H, W) image, got shape {image.shape}")
+    if image.shape == (size, size):
+        return image.astype(np.float32, copy=False)
+    im = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
+    out = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.clip(out, 0.0, 1.0)
