@@ -5,6 +5,7 @@ import torch
 import yaml
 
 from raycxr.config import compose
+from raycxr.models.pretrained import load_pretrained
 from raycxr.train.local import load_checkpoint, run_pretrain
 
 SMALL = ["image_size=64", "batch_size=8", "encoder.embed_dim=32", "ark.proj_dim=32",
@@ -25,8 +26,9 @@ def cfg(sites_dir, out, *extra):
 
 
 def test_unichest_conquer_then_divide_loss_falls_and_restores(sites_dir, tmp_path):
+    # 24 images per site leave too few val images for an AUC: validation scores the train split here
     res = run_pretrain(cfg(sites_dir, tmp_path / "a", "unichest.conquer_epochs=4", "unichest.divide_epochs=1",
-                           "unichest.lr=1e-3"))
+                           "unichest.lr=1e-3", "val.split=train"))
     h = res["history"]
     assert [r["stage"] for r in h] == ["conquer"] * 4 + ["divide"]
     # conquer learns: the loss on a fixed, un-augmented probe set falls (metrics.jsonl holds the curve)
@@ -36,6 +38,10 @@ def test_unichest_conquer_then_divide_loss_falls_and_restores(sites_dir, tmp_pat
     assert curve[4] < curve[0]
     assert "scl" in h[4] and "scl" not in h[0]
     assert (tmp_path / "a" / "conquer.pt").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
+    # conquer.pt is the conquer epoch with the best val AUC, and divide started from it
+    val = [r["val_auc"] for r in h]
+    assert all(v is not None for v in val)
+    assert load_checkpoint(tmp_path / "a" / "conquer.pt")["val_auc"] == max(val[:4])
     # divide kept the conquer encoder exactly (frozen, BatchNorm statistics included)
     conquer, final = load_checkpoint(tmp_path / "a" / "conquer.pt"), load_checkpoint(tmp_path / "a")
     assert all(torch.equal(conquer["encoder"][k], final["encoder"][k]) for k in conquer["encoder"])
@@ -66,12 +72,39 @@ def test_ark_rounds_ema_and_a_site_joining(sites_dir, tmp_path):
     assert [(r["round"], r["site"]) for r in res2["history"]][-3:] == [(2, "nih"), (2, "vindr"), (2, "siim")]
     ck2 = load_checkpoint(tmp_path / "ark")
     assert ck2["site_classes"] == {"nih": 14, "vindr": 14, "siim": 1}
+    # the run as a classifier: every head averaged into the union classes
+    pre = load_pretrained(tmp_path / "ark")
+    assert "Pneumothorax" in pre.class_names and pre.site_labels["siim"] == ["Pneumothorax"]
+    p = pre.classifier(torch.rand(3, 1, 64, 64))
+    assert p.shape == (3, len(pre.class_names)) and bool(((p >= 0) & (p <= 1)).all())
 
 
 @pytest.mark.parametrize("method,extra", [("concurrent", []), ("mixed", []), ("single", ["site_names=[siim]"])])
 def test_baselines_run(sites_dir, tmp_path, method, extra):
     res = run_pretrain(cfg(sites_dir, tmp_path, f"method={method}", "baseline.epochs=2", *extra))
     assert len(res["history"]) == 2 and all(r["loss"] > 0 for r in res["history"])
+    pre = load_pretrained(tmp_path)
+    assert pre.classifier(torch.rand(2, 1, 64, 64)).shape == (2, len(pre.class_names))
+
+
+def test_logged_val_auc_is_the_saved_models_auc(sites_dir, tmp_path):
+    """One definition of "the model's prediction": the val AUC logged during training equals the AUC
+    of the saved run scored through load_pretrained + predict_site (the evaluation path)."""
+    import numpy as np
+
+    from raycxr.eval.metrics import classification_metrics
+    from raycxr.eval.predict import predict_site
+    from raycxr.train.local import select_sites
+
+    c = cfg(sites_dir, tmp_path, "method=mixed", "baseline.epochs=1", "val.split=train")
+    res = run_pretrain(c)
+    pre = load_pretrained(tmp_path)
+    preds = [predict_site(pre.classifier, s, pre.class_names, split="train", image_size=64, progress=False)
+             for s in select_sites(c).values()]
+    auc = classification_metrics(*(np.concatenate([getattr(p, k) for p in preds]) for k in ("probs", "targets",
+                                                                                            "mask")),
+                                 pre.class_names)["mean"]["auc"]
+    assert res["history"][-1]["val_auc"] == pytest.approx(auc, abs=1e-4)
 
 
 def test_bad_method_and_sites(sites_dir, tmp_path):

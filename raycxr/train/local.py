@@ -33,6 +33,7 @@ from .loops import (
     ark_site_epoch,
     concurrent_multitask_epoch,
     supervised_union_epoch,
+    to_device,
     unichest_epoch,
 )
 
@@ -94,6 +95,17 @@ class LocalData:
         return {n: loader(d, self.cfg) for n, d in site_datasets(self.cfg, self.sites,
                                                                   second_view=second_view).items()}
 
+    def val_batches(self) -> Iterable | None:
+        """Un-augmented val split of every site, union targets (``None`` when validation is off)."""
+        if not _val_enabled(self.cfg):
+            return None
+        split = self.cfg.val.get("split", "val")
+        sets = list(site_datasets(self.cfg, self.sites, split=split, train=False, union=self.union).values())
+        limit = self.cfg.val.get("limit")
+        if limit:
+            sets = [torch.utils.data.Subset(d, range(min(int(limit), len(d)))) for d in sets]
+        return loader(ConcatDataset(sets), self.cfg, shuffle=False)
+
     def probe(self) -> dict | None:
         return _probe_batch(site_datasets(self.cfg, self.sites, union=self.union, train=False), self.cfg.probe_size)
 
@@ -105,6 +117,44 @@ class LocalData:
 
     def hand_back_heads(self, heads: dict[str, dict], version: int) -> None:
         pass
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    """``device: auto`` is the GPU when there is one (a Ray Train worker sets its own), else the CPU."""
+    d = str(cfg.get("device") or "auto")
+    return torch.device("cuda" if d == "auto" and torch.cuda.is_available() else "cpu" if d == "auto" else d)
+
+
+def place(cfg: DictConfig, *modules: nn.Module | None) -> torch.device:
+    """Move the run's modules to its device and set their mixed precision (``model.amp_dtype``, read by
+    the loops): ``precision: auto`` is bf16 autocast on a GPU and fp32 on the CPU."""
+    device = resolve_device(cfg)
+    precision = str(cfg.get("precision") or "auto")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got '{precision}'")
+    amp = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+    for m in modules:
+        if m is not None:
+            m.to(device)
+            m.amp_dtype = amp
+    return device
+
+
+def _val_enabled(cfg: DictConfig) -> bool:
+    return bool(cfg.get("val") and cfg.val.get("enabled", True))
+
+
+def _validate(data: Any, model: nn.Module, **kw: Any) -> dict:
+    """``{"val_auc", "val_images"}`` for the model as it is now, or ``{}`` when validation is off."""
+    from .validation import epoch_classifier, validate
+
+    batches = data.val_batches()
+    if batches is None:
+        return {}
+    t0 = time.perf_counter()
+    classifier, names = epoch_classifier(model, label_names=getattr(data, "label_names", None), **kw)
+    out = validate(classifier, names, batches, data.union.names)
+    return {**out, "val_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def adamw(params: list[nn.Parameter] | Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -191,9 +241,11 @@ def _progress(total: int, desc: str) -> tqdm:
 
 def _report(run: Run, bar: tqdm, record: dict, t0: float) -> None:
     record["seconds"] = round(time.perf_counter() - t0, 2)
-    record["images_per_s"] = round(record.get("images", 0) / max(record["seconds"], 1e-9), 1)
+    train_s = record["seconds"] - record.get("val_seconds", 0.0)  # training throughput, validation excluded
+    record["images_per_s"] = round(record.get("images", 0) / max(train_s, 1e-9), 1)
     run.log(record)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", ips=record["images_per_s"])
+    bar.set_postfix(loss=f"{record['loss']:.4f}", ips=record["images_per_s"],
+                    **({"val_auc": record["val_auc"]} if record.get("val_auc") is not None else {}))
     bar.update(1)
 
 
@@ -207,6 +259,7 @@ def _run_unichest(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resum
     model = UniChest(encoder, n_experts=u.n_experts, lam=u.lam, bias_ratio=u.bias_ratio, scl_dim=u.scl_dim,
                      query=OmegaConf.to_container(u.query, resolve=True))
     text = build_text_encoder(cfg, encoder.dim)
+    place(cfg, model, text)
     loss_cfg = UniChestLossConfig(**OmegaConf.to_container(u.loss, resolve=True))
     schedule = [("conquer", e) for e in range(u.conquer_epochs)] + [("divide", e) for e in range(u.divide_epochs)]
     start = 0
@@ -218,6 +271,7 @@ def _run_unichest(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resum
         start, history = resume["position"], resume["history"]
     gen = torch.Generator().manual_seed(int(cfg.seed) + start)
     opt, opt_stage = None, None
+    best = {"val_auc": resume.get("best_conquer_auc") if resume else None, "state": None}
     bar = _progress(len(schedule), "unichest")
     bar.update(start)
     if start == 0:
@@ -226,6 +280,8 @@ def _run_unichest(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resum
     for pos in range(start, len(schedule)):
         stage, epoch = schedule[pos]
         if opt_stage != stage:
+            if stage == "divide" and pos == u.conquer_epochs and u.get("divide_from", "best") == "best":
+                _load_best_conquer(model, text, best, run)
             model.set_stage(stage)
             opt = data.distribute(adamw(list(model.parameters()) + list(text.parameters()), u.lr, u.weight_decay))
             if resume is not None and resume.get("stage") == stage and resume.get("optimizer"):
@@ -235,19 +291,51 @@ def _run_unichest(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resum
         means = unichest_epoch(model, text, union.names, dl, opt, stage=stage, cfg=loss_cfg,
                                max_steps=cfg.max_steps_per_epoch, generator=gen)
         record = {"method": "unichest", "stage": stage, "epoch": epoch, "position": pos, **means,
-                  "probe_asl": _unichest_probe(model, text, union.names, probe, loss_cfg, stage=stage)}
+                  "probe_asl": _unichest_probe(model, text, union.names, probe, loss_cfg, stage=stage),
+                  **_validate(data, model, text=text, class_names=union.names)}
         history.append(record)
         _report(run, bar, record, t0)
+        improved = stage == "conquer" and record.get("val_auc") is not None and (
+            best["val_auc"] is None or record["val_auc"] >= best["val_auc"])
+        if improved:
+            best["val_auc"] = record["val_auc"]
         state = {"method": "unichest", "position": pos + 1, "stage": stage, "model": model.state_dict(),
+                 "best_conquer_auc": best["val_auc"], "val_auc": record.get("val_auc"),
                  "text_encoder": text.state_dict(), "optimizer": opt.state_dict(), "class_names": union.names,
                  "site_names": list(sites), "site_index": {n: i for i, n in enumerate(sites)},
                  "encoder": model.encoder.state_dict(), "history": history,
                  "config": OmegaConf.to_container(cfg, resolve=True)}
         run.save(state)
-        if pos + 1 == len(schedule) or schedule[pos + 1][0] != stage:
-            run.save(state, f"{stage}.pt")  # a snapshot per finished stage: divide starts from conquer.pt
+        if improved:
+            # a copy: state_dict() tensors are the live weights, which keep training
+            best["state"] = {"position": pos + 1, "model": _clone(state["model"]),
+                             "text_encoder": _clone(state["text_encoder"])}
+            run.save(state, "conquer.pt")  # the best conquer epoch by val AUC: divide starts from it
+        elif stage == "conquer" and best["val_auc"] is None and (pos + 1 == len(schedule) or
+                                                                 schedule[pos + 1][0] != stage):
+            run.save(state, "conquer.pt")  # no validation data: the last conquer epoch
+        if stage == "divide" and pos + 1 == len(schedule):
+            run.save(state, "divide.pt")
     bar.close()
     return {"history": history, "checkpoint": str(run.out / "checkpoint.pt")}
+
+
+def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _load_best_conquer(model: UniChest, text: nn.Module, best: dict, run: Run) -> None:
+    """Divide starts from the conquer epoch with the best val mean AUC, not simply the last one. The
+    authors select by ChestX-ray14's val AUC (REFERENCE U.6); deliberate difference: here the val
+    split of every training site counts, since no site is privileged."""
+    state = best["state"]
+    if state is None and best["val_auc"] is not None and (run.out / "conquer.pt").is_file():
+        state = load_checkpoint(run.out / "conquer.pt")  # resumed exactly at the stage boundary
+    if state is None:
+        return
+    model.load_state_dict(state["model"])
+    text.load_state_dict(state["text_encoder"])
+    print(f"divide starts from conquer epoch {state['position'] - 1} (val AUC {best['val_auc']})")
 
 
 def _probe_batch(datasets: dict[str, SiteDataset], n: int) -> dict | None:
@@ -269,7 +357,8 @@ def _unichest_probe(model: UniChest, text: nn.Module, class_names: list[str], pr
     was = model.training, text.training
     model.eval()
     text.eval()
-    prob = model(probe["image"], text(list(class_names)), stage=stage)["prob"]
+    probe = to_device(probe, next(model.parameters()).device)
+    prob = model(probe["image"], text(list(class_names)), stage=stage)["prob"].float()
     loss = asymmetric_loss(prob, probe["targets"], probe["target_mask"], gamma_neg=cfg.gamma_neg,
                            gamma_pos=cfg.gamma_pos, clip=cfg.clip, from_probs=True, reduction="mean")
     model.train(was[0])
@@ -319,6 +408,7 @@ def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: di
         for n, state in data.site_heads().items():
             if n in student.heads and state["weight"].shape == student.heads[n].weight.shape:
                 student.heads[n].load_state_dict(state)
+    place(cfg, student, text)
     teacher = make_teacher(student, seed=int(cfg.seed) + 1)
     if teacher_heads_from is not None:
         teacher.load_state_dict(teacher_heads_from, strict=False)
@@ -351,12 +441,14 @@ def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: di
                                momentum=float(momentum[it]), ema_mode=a.ema_mode, max_steps=cfg.max_steps_per_epoch,
                                text_encoder=text)
         record = {"method": "ark", "round": rnd, "site": name, "position": it, "momentum": float(momentum[it]),
-                  "consistency_weight": float(weight[it]), **means}
+                  "consistency_weight": float(weight[it]), **means,
+                  **(_validate(data, student) if student.heads else {})}
         history.append(record)
         _report(run, bar, record, t0)
         run.save({"method": "ark", "position": it + 1, "order": order, "model": student.state_dict(),
                   "teacher": teacher.state_dict(), "optimizer": opt.state_dict(),
                   "site_classes": {n: student.heads[n].out_features for n in student.heads},
+                  "site_labels": {n: list(data.label_names[n]) for n in student.heads if n in data.label_names},
                   "site_objectives": {n: sites[n].objective if n in sites else "?" for n in student.objectives},
                   "text_encoder": text.state_dict() if text is not None else None,
                   "heads": {n: student.head_state(n) for n in student.heads},
@@ -371,10 +463,13 @@ def _run_ark(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: di
 def _run_concurrent(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None, data: Any) -> dict:
     model = ArkModel(build_encoder(cfg), data.site_classes(), proj_dim=cfg.ark.proj_dim,
                      mlp_projector=cfg.ark.mlp_projector)
+    place(cfg, model)
     opt = data.distribute(adamw(model.parameters(), cfg.baseline.lr, cfg.baseline.weight_decay))
     loaders = data.site_loaders(second_view=False)
-    return _epochs(cfg, run, "concurrent", model, lambda: concurrent_multitask_epoch(
-        model, loaders, opt, max_steps=cfg.max_steps_per_epoch))
+    return _epochs(cfg, run, "concurrent", model, lambda: {**concurrent_multitask_epoch(
+        model, loaders, opt, max_steps=cfg.max_steps_per_epoch), **_validate(data, model)},
+        extra={"site_classes": data.site_classes(), "site_labels": {n: list(v) for n, v in data.label_names.items()},
+               "site_names": list(sites)})
 
 
 class UnionClassifier(nn.Module):
@@ -393,10 +488,11 @@ def _run_mixed(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: 
     union = data.union
     dl = data.union_loader()
     model = UnionClassifier(build_encoder(cfg), len(union))
+    place(cfg, model)
     opt = data.distribute(adamw(model.parameters(), cfg.baseline.lr, cfg.baseline.weight_decay))
-    return _epochs(cfg, run, "mixed", model, lambda: supervised_union_epoch(model, dl, opt,
-                                                                            max_steps=cfg.max_steps_per_epoch),
-                   extra={"class_names": union.names})
+    return _epochs(cfg, run, "mixed", model, lambda: {**supervised_union_epoch(
+        model, dl, opt, max_steps=cfg.max_steps_per_epoch), **_validate(data, model, class_names=union.names)},
+                   extra={"class_names": union.names, "site_names": list(sites)})
 
 
 def _run_single(cfg: DictConfig, sites: dict[str, SiteConfig], run: Run, resume: dict | None, data: Any) -> dict:

@@ -45,12 +45,31 @@ class LossLog:
         return {k: v / max(self.n, 1) for k, v in self.sums.items()} | {"steps": self.n, "images": self.images}
 
 
-def _limited(loader: Iterable, max_steps: int | None) -> Iterable:
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors of a collated batch on ``device`` (lists such as image ids stay as they are)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def autocast(model: nn.Module) -> torch.autocast:
+    """Mixed precision as the runner set it on the model (``model.amp_dtype``, e.g. bf16 on GPU);
+    off when unset. bf16 keeps fp32's range, so no gradient scaler is needed."""
+    dtype = getattr(model, "amp_dtype", None)
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _limited(loader: Iterable, max_steps: int | None, device: torch.device | None = None) -> Iterable:
     for i, batch in enumerate(loader):
         if max_steps is not None and i >= max_steps:
             return
         if batch is not None:  # every sample of the batch was quarantined
-            yield batch
+            yield batch if device is None else to_device(batch, device)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 # -- Ark ------------------------------------------------------------------------------------------
@@ -70,27 +89,28 @@ def ark_site_epoch(student: nn.Module, teacher: nn.Module, site: str, loader: It
     log = LossLog()
     c = consistency_weight
     objective = student.objectives[site] if site in student.objectives else None
-    for batch in _limited(loader, max_steps):
-        view2 = batch.get("image2", batch["image"])
-        with torch.no_grad():
-            proj_t = teacher.project(view2)
-        if objective is None:
-            proj_s, logits = student(batch["image"], site)
-            sup = masked_bce_with_logits(logits, batch["labels"], batch["label_mask"])
-        else:
-            proj_s = student.project(batch["image"])
-            kw = {}
-            if "features2" in objective.needs:
-                kw["features2"] = student.project(view2)
-            if "key_features" in objective.needs:
-                kw["key_features"] = proj_t  # the EMA teacher is MoCo's momentum encoder
-            if "text_emb" in objective.needs:
-                if text_encoder is None:
-                    raise ValueError(f"site '{site}' uses a report objective but no text encoder was given")
-                kw["text_emb"] = text_encoder([r or "" for r in batch["report"]])
-            sup, _ = objective(proj_s, batch, **kw)
-        cons = ark_consistency_loss(proj_s, proj_t)
-        loss = (1 - c) * sup + c * cons
+    for batch in _limited(loader, max_steps, _device(student)):
+        with autocast(student):
+            view2 = batch.get("image2", batch["image"])
+            with torch.no_grad():
+                proj_t = teacher.project(view2)
+            if objective is None:
+                proj_s, logits = student(batch["image"], site)
+                sup = masked_bce_with_logits(logits.float(), batch["labels"], batch["label_mask"])
+            else:
+                proj_s = student.project(batch["image"])
+                kw = {}
+                if "features2" in objective.needs:
+                    kw["features2"] = student.project(view2)
+                if "key_features" in objective.needs:
+                    kw["key_features"] = proj_t  # the EMA teacher is MoCo's momentum encoder
+                if "text_emb" in objective.needs:
+                    if text_encoder is None:
+                        raise ValueError(f"site '{site}' uses a report objective but no text encoder was given")
+                    kw["text_emb"] = text_encoder([r or "" for r in batch["report"]])
+                sup, _ = objective(proj_s, batch, **kw)
+            cons = ark_consistency_loss(proj_s.float(), proj_t.float())
+            loss = (1 - c) * sup.float() + c * cons
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -111,7 +131,7 @@ def concurrent_multitask_epoch(model: nn.Module, loaders: dict[str, Iterable], o
     sites' head losses (no teacher, no cycling). Stops when the shortest site runs out."""
     model.train()
     log = LossLog()
-    iters = {s: iter(_limited(dl, max_steps)) for s, dl in loaders.items()}
+    iters = {s: iter(_limited(dl, max_steps, _device(model))) for s, dl in loaders.items()}
     while True:
         batches = {}
         for s, it in iters.items():
@@ -119,8 +139,9 @@ def concurrent_multitask_epoch(model: nn.Module, loaders: dict[str, Iterable], o
             if b is None:
                 return log.means()
             batches[s] = b
-        loss = sum(masked_bce_with_logits(model(b["image"], s)[1], b["labels"], b["label_mask"])
-                   for s, b in batches.items())
+        with autocast(model):
+            loss = sum(masked_bce_with_logits(model(b["image"], s)[1].float(), b["labels"], b["label_mask"])
+                       for s, b in batches.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -133,8 +154,9 @@ def supervised_union_epoch(model: nn.Module, loader: Iterable, optimizer: torch.
     ``model(images)`` returns logits over the union classes."""
     model.train()
     log = LossLog()
-    for batch in _limited(loader, max_steps):
-        loss = masked_bce_with_logits(model(batch["image"]), batch["targets"], batch["target_mask"])
+    for batch in _limited(loader, max_steps, _device(model)):
+        with autocast(model):
+            loss = masked_bce_with_logits(model(batch["image"]).float(), batch["targets"], batch["target_mask"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -186,27 +208,12 @@ def unichest_epoch(model: nn.Module, text_encoder: nn.Module, class_names: Seque
     log = LossLog()
     asl = dict(gamma_neg=cfg.gamma_neg, gamma_pos=cfg.gamma_pos, clip=cfg.clip, from_probs=True,
                reduction=cfg.asl_reduction, detach_focal=cfg.detach_focal)
-    for batch in _limited(loader, max_steps):
+    for batch in _limited(loader, max_steps, _device(model)):
         images, sites = batch["image"], batch["site_index"]
         if cfg.fourier_p > 0:
             images = cross_site_fourier_mix(images, sites, p=cfg.fourier_p, generator=generator)
-        class_emb = text_encoder(list(class_names))
-        out = model(images, class_emb, stage=stage)
-        text_emb = text_encoder(batch_texts(batch, class_names))
-        y, m = batch["targets"], batch["target_mask"]
-        terms = {"asl": asymmetric_loss(out["prob"], y, m, **asl),
-                 "itc": image_text_contrastive_loss(out["pooled"], text_emb, cfg.itc_temperature,
-                                                    normalize=cfg.itc_normalize)}
-        loss = terms["asl"] + cfg.itc_weight * terms["itc"]
-        if cfg.text_branch:
-            out_t = model.heads(text_emb.unsqueeze(1), class_emb, stage=stage)
-            terms["asl_text"] = asymmetric_loss(out_t["prob"], y, m, **asl)
-            loss = loss + terms["asl_text"]
-        if stage == "divide":
-            terms["scl"] = source_contrastive_loss(out["scl"], sites, cfg.scl_temperature)
-            if cfg.text_branch:
-                terms["scl"] = terms["scl"] + source_contrastive_loss(out_t["scl"], sites, cfg.scl_temperature)
-            loss = loss + cfg.scl_weight * terms["scl"]
+        with autocast(model):
+            loss, terms = _unichest_loss(model, text_encoder, class_names, batch, images, stage, cfg, asl)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -215,3 +222,27 @@ def unichest_epoch(model: nn.Module, text_encoder: nn.Module, class_names: Seque
         if on_step:
             on_step(terms)
     return log.means()
+
+
+def _unichest_loss(model: nn.Module, text_encoder: nn.Module, class_names: Sequence[str], batch: dict,
+                   images: torch.Tensor, stage: str, cfg: UniChestLossConfig, asl: dict) -> tuple[torch.Tensor, dict]:
+    """One step's UniChest loss and its terms (losses in fp32 under mixed precision)."""
+    sites = batch["site_index"]
+    class_emb = text_encoder(list(class_names))
+    out = model(images, class_emb, stage=stage)
+    text_emb = text_encoder(batch_texts(batch, class_names))
+    y, m = batch["targets"], batch["target_mask"]
+    terms = {"asl": asymmetric_loss(out["prob"].float(), y, m, **asl),
+             "itc": image_text_contrastive_loss(out["pooled"].float(), text_emb.float(), cfg.itc_temperature,
+                                                normalize=cfg.itc_normalize)}
+    loss = terms["asl"] + cfg.itc_weight * terms["itc"]
+    if cfg.text_branch:
+        out_t = model.heads(text_emb.unsqueeze(1), class_emb, stage=stage)
+        terms["asl_text"] = asymmetric_loss(out_t["prob"].float(), y, m, **asl)
+        loss = loss + terms["asl_text"]
+    if stage == "divide":
+        terms["scl"] = source_contrastive_loss(out["scl"].float(), sites, cfg.scl_temperature)
+        if cfg.text_branch:
+            terms["scl"] = terms["scl"] + source_contrastive_loss(out_t["scl"].float(), sites, cfg.scl_temperature)
+        loss = loss + cfg.scl_weight * terms["scl"]
+    return loss, terms

@@ -124,7 +124,8 @@ class ActorData:
 
         self.cfg, self.actors, self.rank, self.world = cfg, actors, rank, world
         self.info = dict(zip(actors, ray.get([a.info.remote() for a in actors.values()])))
-        self.union = UnionLabelSpace.build({n: i["label_names"] for n, i in self.info.items()})
+        self.label_names = {n: list(i["label_names"]) for n, i in self.info.items()}
+        self.union = UnionLabelSpace.build(self.label_names)
         self.union_names = tuple(self.union.names)
 
     def site_classes(self) -> dict[str, int]:
@@ -143,6 +144,21 @@ class ActorData:
 
     def site_loaders(self, second_view: bool = True) -> dict[str, ActorStream]:
         return {n: self._stream([n], second_view=second_view) for n in self.actors}
+
+    def val_batches(self) -> ActorStream | None:
+        """The val split, un-augmented, from the site actors; every worker scores all of it."""
+        import ray
+
+        if not (self.cfg.get("val") and self.cfg.val.get("enabled", True)):
+            return None
+        names = list(self.actors)
+        split = self.cfg.val.get("split", "val")
+        sizes = ray.get([self.actors[n].num_items.remote(self.union_names, split) for n in names])
+        if self.cfg.val.get("limit"):
+            sizes = [min(int(self.cfg.val.limit), s) for s in sizes]
+        return ActorStream([self.actors[n] for n in names], sizes, self.cfg.batch_size, seed=int(self.cfg.seed),
+                           prefetch=int(self.cfg.ray.prefetch), drop_last=False, union_names=self.union_names,
+                           train=False, split=split)
 
     def probe(self) -> dict | None:
         import ray
@@ -213,6 +229,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     cfg = OmegaConf.create(config["cfg"])
+    if cfg.ray.use_gpu:
+        import ray.train.torch
+
+        cfg.device = str(ray.train.torch.get_device())  # this worker's GPU
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(int(cfg.seed) + rank)
