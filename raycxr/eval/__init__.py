@@ -1,0 +1,1 @@
+"""Evaluation of pretrained encoders: scoring sites, metrics and the report (``raycxr eval``)."""

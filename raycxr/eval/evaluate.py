@@ -1,0 +1,342 @@
+"""``raycxr eval``: how good is a pretrained encoder, on the sites it saw and on sites it did not.
+
+For a run folder it scores, on each site's test split:
+
+- the model's own classifier (per-class and mean AUC, AP, and F1/accuracy at each class's max-F1
+  threshold, as UniChest reports them, with bootstrap CIs), with reliability figures (false-negative
+  rate by sex and age band, subset accuracy, FNR/accuracy across thresholds, oracle AUC when the
+  most uncertain cases are referred);
+- zero-shot (UniChest): the site's own class names as text queries, including classes no training
+  site had;
+- a linear probe on frozen embeddings, and fine-tuning with 1 %, 10 % and 100 % of a target
+  site's training images (plus linear-probe-then-fine-tune);
+- cross-attention heat-maps of the query network for positive test images.
+
+Sites the run did not train on are reported as out-of-distribution (``ood: true``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from ..dataset import SiteDataset, collate_skip_none
+from ..losses import masked_bce_with_logits
+from ..models.pretrained import Pretrained, load_pretrained
+from ..quarantine import Quarantine
+from ..sites.config import SiteConfig, discover_sites
+from ..transforms import train_transforms
+from .predict import SitePredictions, predict_site
+
+
+def reliability(pred: SitePredictions, thresholds: np.ndarray) -> dict[str, Any]:
+    """FNR by sex and age band, subset accuracy, the threshold sweep, oracle AUC and ROC points."""
+    from . import metrics as M
+
+    cols = pred.annotated_classes()
+    p, t, m = pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols]
+    names = [pred.class_names[j] for j in cols]
+    th = thresholds[cols]
+    sex = pred.meta["sex"].fillna("unknown").astype(str).to_numpy()
+    ages = pred.meta["age"].to_numpy(dtype=float)
+    roc = M.roc_points(p, t, m, names)
+    return {
+        "fnr_by_sex": M.fnr_by_group(p, t, m, sex, th),
+        "fnr_by_age": M.fnr_by_group(p, t, m, M.age_bands(ages), th),
+        "subset_accuracy": M.subset_accuracy(p, t, m, th),
+        "threshold_sweep": _jsonable(M.threshold_sweep(p, t, m)),
+        "oracle_auc": _jsonable(M.oracle_auc(p, t, m)),
+        "roc": {k: [np.asarray(v[0]).tolist(), np.asarray(v[1]).tolist()] for k, v in roc.items()},
+    }
+
+
+def score_site(model: nn.Module, site: SiteConfig, class_names: list[str], *, image_size: int, cfg: DictConfig,
+               ood: bool) -> dict[str, Any]:
+    """The classifier on one site's test split: metrics, CIs and reliability over the classes it annotates."""
+    from .metrics import classification_metrics
+
+    pred = predict_site(model, site, class_names, split=cfg.split, image_size=image_size,
+                        batch_size=cfg.batch_size, limit=cfg.get("limit"))
+    cols = pred.annotated_classes()
+    if not cols or not len(pred.probs):
+        return {"split": cfg.split, "ood": ood, "skipped": "no annotated classes in common with the model"}
+    names = [class_names[j] for j in cols]
+    res = classification_metrics(pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols], names,
+                                 n_boot=int(cfg.bootstrap))
+    th = np.full(len(class_names), 0.5)
+    th[cols] = [res["per_class"][n]["threshold"] for n in names]
+    return {"split": cfg.split, "ood": ood, "n_images": len(pred.probs), "unreadable": pred.skipped,
+            "metrics": res, **reliability(pred, th)}
+
+
+def zero_shot(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> dict[str, Any]:
+    """UniChest queried with the site's own class names (prompt template from the config)."""
+    from .metrics import classification_metrics
+
+    own = site.load_manifest().label_names
+    prompts = [cfg.zero_shot.template.format(n) for n in own]
+    model = pre.zero_shot_classifier(prompts)
+    pred = predict_site(model, site, own, split=cfg.split, image_size=pre.image_size, batch_size=cfg.batch_size,
+                        limit=cfg.get("limit"))
+    cols = pred.annotated_classes()
+    names = [own[j] for j in cols]
+    res = classification_metrics(pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols], names)
+    known = {n.lower() for n in pre.class_names}
+    from ..labels import canonical_name
+
+    unseen = [n for n in names if canonical_name(n).lower() not in known]
+    res["unseen_classes"] = unseen
+    aucs = [res["per_class"][n]["auc"] for n in unseen if res["per_class"][n]["auc"] is not None]
+    res["unseen_mean_auc"] = float(np.mean(aucs)) if aucs else None
+    return res
+
+
+def _embeddings(pre: Pretrained, site: SiteConfig, split: str, cfg: DictConfig) -> SitePredictions:
+    own = site.load_manifest().label_names
+    return predict_site(pre.embedding_model, site, own, split=split, image_size=pre.image_size,
+                        batch_size=cfg.batch_size, limit=cfg.get("limit"))
+
+
+def linear_probe(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> tuple[dict[str, Any], dict]:
+    """Logistic regression per class on frozen, standardised embeddings (train split → test split).
+
+    Returns the test metrics and the fitted weights in embedding space (for linear-probe-then-fine-tune)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from .metrics import classification_metrics
+
+    tr, te = _embeddings(pre, site, "train", cfg), _embeddings(pre, site, cfg.split, cfg)
+    mu, sd = tr.probs.mean(0), tr.probs.std(0) + 1e-6
+    xtr, xte = (tr.probs - mu) / sd, (te.probs - mu) / sd
+    c = len(tr.class_names)
+    probs = np.full((len(xte), c), 0.5, np.float32)
+    w, b = np.zeros((c, xtr.shape[1]), np.float32), np.zeros(c, np.float32)
+    for j in range(c):
+        rows = tr.mask[:, j] > 0
+        y = tr.targets[rows, j]
+        if y.sum() < 2 or (1 - y).sum() < 2:
+            continue  # too few positives or negatives to fit; the class keeps 0.5 and its AUC shows it
+        clf = LogisticRegression(C=float(cfg.linear_probe.C), max_iter=int(cfg.linear_probe.max_iter))
+        clf.fit(xtr[rows], y)
+        probs[:, j] = clf.predict_proba(xte)[:, 1]
+        # fold the standardisation into the weights so they apply to raw embeddings
+        w[j] = clf.coef_[0] / sd
+        b[j] = clf.intercept_[0] - float((clf.coef_[0] * mu / sd).sum())
+    cols = te.annotated_classes()
+    names = [te.class_names[j] for j in cols]
+    res = classification_metrics(probs[:, cols], te.targets[:, cols], te.mask[:, cols], names)
+    res["n_train"] = len(xtr)
+    return res, {"weight": torch.from_numpy(w), "bias": torch.from_numpy(b)}
+
+
+class _FineTuneModel(nn.Module):
+    def __init__(self, encoder: nn.Module, n_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)[0])
+
+
+def fine_tune(pre: Pretrained, site: SiteConfig, fraction: float, cfg: DictConfig, *,
+              head_init: dict | None = None) -> dict[str, Any]:
+    """Fine-tune encoder + a new linear head on ``fraction`` of the site's training images; test mean AUC."""
+    from .metrics import classification_metrics
+
+    f = cfg.fine_tune
+    manifest = site.load_manifest()
+    own = manifest.label_names
+    quarantine = Quarantine(site.quarantine_path, site=site.name)
+    train_ds = SiteDataset(manifest, site.root, transform=train_transforms(pre.image_size), split="train",
+                           uncertain_policy=site.uncertain_policy, quarantine=quarantine, seed=int(cfg.seed))
+    rng = np.random.default_rng(int(cfg.seed))
+    n = max(int(f.min_images), math.ceil(fraction * len(train_ds)))
+    idx = np.sort(rng.permutation(len(train_ds))[:min(n, len(train_ds))])
+    torch.manual_seed(int(cfg.seed))
+    model = _FineTuneModel(copy.deepcopy(pre.encoder), len(own))
+    if head_init is not None:
+        model.head.load_state_dict(head_init)
+    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": float(f.lr)},
+                             {"params": model.head.parameters(), "lr": float(f.head_lr)}], weight_decay=0.01)
+    dl = DataLoader(Subset(train_ds, idx.tolist()), batch_size=int(cfg.batch_size), shuffle=True,
+                    collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(int(cfg.seed)))
+    steps = 0
+    model.train()
+    for _ in range(int(f.epochs)):
+        for batch in dl:
+            if batch is None:
+                continue
+            loss = masked_bce_with_logits(model(batch["image"]), batch["labels"], batch["label_mask"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if f.get("max_steps") and steps >= int(f.max_steps):
+                break
+    model.eval()
+    pred = predict_site(nn.Sequential(model, nn.Sigmoid()), site, own, split=cfg.split, image_size=pre.image_size,
+                        batch_size=cfg.batch_size, limit=cfg.get("limit"), progress=False)
+    cols = pred.annotated_classes()
+    res = classification_metrics(pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols],
+                                 [own[j] for j in cols])
+    return {"mean_auc": res["mean"]["auc"], "mean_f1": res["mean"]["f1"], "n_train": len(idx), "steps": steps}
+
+
+def attention_maps(pre: Pretrained, site: SiteConfig, out: Path, n: int, cfg: DictConfig) -> list[dict]:
+    """Query-network cross-attention over the image for positive test images (UniChest only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .predict import site_targets
+
+    ds, targets, mask = site_targets(site, pre.class_names, cfg.split)
+    from ..transforms import eval_transforms
+
+    ds.transform = eval_transforms(pre.image_size)
+    pos = [(i, j) for i, j in zip(*np.nonzero(targets * mask)) if pre.class_names[j] != "No Finding"][:n]
+    if not pos:
+        return []
+    fig, axes = plt.subplots(1, len(pos), figsize=(3 * len(pos), 3.3), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pos):
+        item = ds[int(i)]
+        if item is None:
+            ax.axis("off")
+            continue
+        x = item["image"][None]
+        with torch.no_grad():
+            attn, prob = pre.classifier.attention(x)[0, j], float(pre.classifier(x)[0, j])
+        g = int(round(math.sqrt(attn.numel())))
+        heat = attn.reshape(g, g)[None, None]
+        heat = torch.nn.functional.interpolate(heat, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+        ax.imshow(x[0, 0].numpy(), cmap="gray")
+        ax.imshow(heat.numpy(), cmap="jet", alpha=0.35)
+        ax.set_title(f"{pre.class_names[j]}\np={prob:.2f}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{site.name}: query-network attention on positive test images", fontsize=9)
+    fig.tight_layout()
+    path = out / f"attention_{site.name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [{"path": path.name, "caption": f"{site.name}: cross-attention of the shared query network "
+             f"(last layer) for {len(pos)} positive findings"}]
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.run`` on the registered sites and write ``results.json``, ``metrics.csv`` and the report."""
+    from .report import write_report
+
+    pre = load_pretrained(cfg.run)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, int(cfg.get("threads") or torch.get_num_threads())))
+    registered = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
+    wanted = list(cfg.site_names) if cfg.get("site_names") else list(registered)
+    unknown = [s for s in wanted if s not in registered]
+    if unknown:
+        raise ValueError(f"unknown site(s) {unknown}; registered: {sorted(registered)}")
+    sites = {n: registered[n] for n in wanted}
+    results: dict[str, Any] = {"model": {"run": str(cfg.run), "method": pre.method, "encoder": pre.config["encoder"][
+        "name"], "image_size": pre.image_size, "classes": pre.class_names, "sites": pre.sites}, "sites": {}}
+    steps = [(n, "classifier") for n in sites]
+    if cfg.zero_shot.enabled and pre.method == "unichest":
+        steps += [(n, "zero_shot") for n in sites]
+    probe_sites = _pick(cfg.linear_probe.sites, sites, pre)
+    ft_sites = _pick(cfg.fine_tune.sites, sites, pre)
+    if cfg.linear_probe.enabled:
+        steps += [(n, "linear_probe") for n in probe_sites]
+    if cfg.fine_tune.enabled:
+        steps += [(n, f"fine_tune {fr:g}") for n in ft_sites for fr in cfg.fine_tune.fractions]
+        if cfg.fine_tune.lp_ft:
+            steps += [(n, "lp_ft") for n in ft_sites]
+    heads: dict[str, dict] = {}
+    bar = tqdm(steps, desc="raycxr eval", unit="step", dynamic_ncols=True)
+    for name, what in bar:
+        bar.set_postfix_str(f"{name}: {what}")
+        site = sites[name]
+        if what == "classifier":
+            results["sites"][name] = score_site(pre.classifier, site, pre.class_names, image_size=pre.image_size,
+                                                cfg=cfg, ood=name not in pre.sites)
+        elif what == "zero_shot":
+            results.setdefault("zero_shot", {})[name] = zero_shot(pre, site, cfg)
+        elif what == "linear_probe":
+            res, heads[name] = linear_probe(pre, site, cfg)
+            results.setdefault("linear_probe", {})[name] = res
+        elif what.startswith("fine_tune"):
+            fr = float(what.split()[1])
+            results.setdefault("fine_tune", {}).setdefault(name, {})[f"{fr * 100:g}%"] = fine_tune(pre, site, fr, cfg)
+        elif what == "lp_ft":
+            if name not in heads:
+                _, heads[name] = linear_probe(pre, site, cfg)
+            results.setdefault("fine_tune", {}).setdefault(name, {})["probe_then_ft"] = fine_tune(
+                pre, site, 1.0, cfg, head_init=heads[name])
+    if cfg.attention.enabled and pre.method == "unichest":
+        results["attention_maps"] = [a for n, s in sites.items()
+                                     for a in attention_maps(pre, s, out, int(cfg.attention.n), cfg)]
+    report = write_report(results, out, title=f"raycxr evaluation of {cfg.run}")
+    print_summary(results)
+    print(f"wrote {out / 'results.json'}, {out / 'metrics.csv'} and {report}")
+    return results
+
+
+def _pick(spec: Any, sites: dict[str, SiteConfig], pre: Pretrained) -> list[str]:
+    """``null``: the held-out sites if any, else the first site; ``all``; or a list of names."""
+    if spec in (None, "auto"):
+        ood = [n for n in sites if n not in pre.sites]
+        return ood[:1] or list(sites)[:1]
+    if spec == "all":
+        return list(sites)
+    names = list(spec)
+    unknown = [n for n in names if n not in sites]
+    if unknown:
+        raise ValueError(f"evaluation site(s) {unknown} are not among {list(sites)}")
+    return names
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    """A console table: mean AUC / F1 per site for each evaluation."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"raycxr eval: {results['model']['method']} ({results['model']['encoder']})")
+    for col in ("site", "ood", "classifier AUC", "F1", "zero-shot AUC", "linear probe AUC", "fine-tune AUC"):
+        table.add_column(col)
+
+    def f(x: Any) -> str:
+        return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
+
+    for name, r in results["sites"].items():
+        mean = r.get("metrics", {}).get("mean", {})
+        zs = results.get("zero_shot", {}).get(name, {}).get("mean", {}).get("auc")
+        lp = results.get("linear_probe", {}).get(name, {}).get("mean", {}).get("auc")
+        ft = results.get("fine_tune", {}).get(name, {})
+        fts = " ".join(f"{k.replace('probe_then_ft', 'LP-FT')}:{f(v.get('mean_auc'))}" for k, v in ft.items())
+        table.add_row(name, "yes" if r.get("ood") else "", f(mean.get("auc")), f(mean.get("f1")), f(zs), f(lp),
+                      fts or "-")
+    Console().print(table)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+

@@ -1,0 +1,83 @@
+"""Score a site's split with a model: probabilities, targets and masks over the model's classes.
+
+Images go through the evaluation transform (read, :func:`raycxr.readers.resize`), the same path
+as the hospital runtime. Unreadable images are quarantined and left out (counted in ``skipped``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..dataset import SiteDataset, collate_skip_none
+from ..labels import UnionLabelSpace, canonical_name
+from ..quarantine import Quarantine
+from ..sites.config import SiteConfig
+from ..transforms import eval_transforms
+
+
+@dataclass
+class SitePredictions:
+    """One site split scored over ``class_names`` (the model's classes). ``mask`` is 1 where the
+    site annotates the class for that image (uncertain labels are masked out)."""
+
+    site: str
+    split: str
+    class_names: list[str]
+    probs: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+    meta: pd.DataFrame
+    skipped: int = 0
+
+    def annotated_classes(self) -> list[int]:
+        """Columns the site annotates at all."""
+        return [j for j in range(len(self.class_names)) if self.mask[:, j].any()]
+
+
+def site_targets(site: SiteConfig, class_names: list[str], split: str | None) -> tuple[SiteDataset, np.ndarray,
+                                                                                          np.ndarray]:
+    """The site's split with its labels mapped onto ``class_names`` (by canonical name)."""
+    manifest = site.load_manifest()
+    own = manifest.label_names
+    canon = [canonical_name(n) for n in class_names]
+    # a label space with the model's classes first, so union columns 0..C-1 are the model's order
+    space = UnionLabelSpace.build({"__model__": canon, site.name: own})
+    ds = SiteDataset(manifest, site.root, transform=eval_transforms(224), split=split, label_space=space,
+                     uncertain_policy="ignore", quarantine=Quarantine(site.quarantine_path, site=site.name))
+    c = len(class_names)
+    return ds, ds.targets[:, :c], ds.target_mask[:, :c]
+
+
+@torch.no_grad()
+def predict_site(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], site: SiteConfig, class_names: list[str],
+                 *, split: str | None = "test", image_size: int = 224, batch_size: int = 32,
+                 progress: bool = True, limit: int | None = None) -> SitePredictions:
+    """Run ``model`` (images → probabilities over ``class_names``) on a site's split."""
+    ds, targets, mask = site_targets(site, class_names, split)
+    ds.transform = eval_transforms(image_size)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    subset = torch.utils.data.Subset(ds, range(n))
+    dl = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
+    if isinstance(model, nn.Module):
+        model.eval()
+    probs, ids = [], []
+    for batch in tqdm(dl, desc=f"scoring {site.name}/{split or 'all'}", unit="batch", disable=not progress,
+                      leave=False):
+        if batch is None:
+            continue
+        probs.append(model(batch["image"]).float().numpy())
+        ids.extend(batch["image_id"])
+    row = {iid: i for i, iid in enumerate(ds.df["image_id"].to_numpy()[:n])}
+    keep = np.array([row[i] for i in ids], dtype=np.int64)
+    p = np.concatenate(probs) if probs else np.zeros((0, len(class_names)), np.float32)
+    meta = ds.df.iloc[keep][["image_id", "patient_id", "sex", "age", "view", "path"]].reset_index(drop=True)
+    return SitePredictions(site.name, split or "all", list(class_names), p, targets[keep], mask[keep], meta,
+                           skipped=n - len(keep))
