@@ -1,0 +1,172 @@
+"""`raycxr export`: ONNX files with metadata and a dynamic batch, parity that can fail, INT8 AUC.
+
+The run is an untrained UniChest (divide stage, with experts and gate) saved in the exact
+checkpoint format `raycxr pretrain` writes, on the small synthetic corpus: training one takes
+over a minute on 2 cores and the export does not care whether the weights were learnt.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from raycxr.config import compose
+from raycxr.export import (
+    ParityError,
+    check_parity,
+    classifier_output_names,
+    export_model,
+    export_onnx,
+    parity_inputs,
+    read_metadata,
+)
+from raycxr.labels import UnionLabelSpace
+from raycxr.models.pretrained import load_pretrained
+from raycxr.models.unichest import UniChest
+from raycxr.sites.config import discover_sites
+from raycxr.train.local import build_encoder, build_text_encoder
+
+SMALL = ["image_size=64", "encoder.embed_dim=32", "unichest.n_experts=2", "text.max_length=16",
+         "unichest.query={n_layers: 1, n_heads: 2, ffn: 64, dropout: 0.0, lambda_local: 1.0, lambda_global: 0.4}"]
+
+
+def untrained_unichest_state(site_overrides: list[str]) -> dict:
+    """A divide-stage UniChest checkpoint dict with the keys `_run_unichest` saves.
+
+    PyTorch's default init replaces UniChest's 0.02-scaled one in the query networks so that the
+    probabilities depend visibly on the image (std across images ~1e-2, 100x the parity tolerance)."""
+    cfg = compose("pretrain", [*SMALL, *site_overrides])
+    sites = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
+    names = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()}).names
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg)
+    u = cfg.unichest
+    model = UniChest(encoder, n_experts=u.n_experts, lam=u.lam, bias_ratio=u.bias_ratio, scl_dim=u.scl_dim,
+                     query=OmegaConf.to_container(u.query, resolve=True))
+    for m in [*model.query_networks.modules(), model.gate]:
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m._reset_parameters()
+        elif isinstance(m, torch.nn.Linear):
+            m.reset_parameters()
+    for qn in model.query_networks:
+        torch.nn.init.normal_(qn.head.weight, std=0.3)
+    model.set_stage("divide")
+    text = build_text_encoder(cfg, encoder.dim)
+    return {"method": "unichest", "position": 2, "stage": "divide", "model": model.state_dict(),
+            "text_encoder": text.state_dict(), "class_names": names, "site_names": list(sites),
+            "site_index": {n: i for i, n in enumerate(sites)}, "encoder": encoder.state_dict(), "history": [],
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+@pytest.fixture(scope="module")
+def site_overrides(small_corpus, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sites")
+    for n in ("nih", "vindr", "siim"):
+        (d / f"{n}.yaml").write_text(yaml.safe_dump({"name": n, "adapter": "manifest", "root": n}))
+    return [f"sites.sites_dir={d}", f"sites.data_root={small_corpus}"]
+
+
+@pytest.fixture(scope="module")
+def exported(site_overrides, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    torch.save(untrained_unichest_state(site_overrides), run / "checkpoint.pt")
+    cfg = compose("export", [f"run={run}", "int8=true", "parity.batch=5", "threads=2", *site_overrides])
+    result = export_onnx(cfg)
+    return run, run / "export", result
+
+
+def test_export_writes_both_files_with_metadata_and_dynamic_batch(exported):
+    run, out, result = exported
+    assert {p.name for p in out.iterdir()} >= {"classifier.onnx", "encoder.onnx", "classifier.int8.onnx",
+                                               "export.json"}
+    pre = load_pretrained(run)
+    names = pre.class_names
+    meta = read_metadata(out / "classifier.onnx")
+    assert meta["kind"] == "classifier" and json.loads(meta["class_names"]) == names
+    assert meta["input_size"] == "64" and meta["frontal_only"] == "true" and meta["method"] == "unichest"
+    assert json.loads(meta["training_sites"]) == ["nih", "siim", "vindr"] and meta["encoder"] == "resnet18"
+    assert meta["model_version"].startswith("unichest-") and len(meta["model_version"]) == len("unichest-") + 12
+    assert json.loads(meta["preprocessing"])["value_range"] == [0.0, 1.0]
+    assert {"created", "raycxr_version", "thresholds_note", "checkpoint_sha256"} <= set(meta)
+    thr = json.loads(meta["thresholds"])
+    assert len(thr) == len(names) and all(0.0 <= t <= 1.0 for t in thr)
+    # classes without a validation positive get 0.5 and are named in the note (siim has only Pneumothorax)
+    summary = result["thresholds_summary"]
+    for c, t in zip(names, thr):
+        if summary["positives"][c] == 0:
+            assert t == 0.5 and c in meta["thresholds_note"]
+    enc_meta = read_metadata(out / "encoder.onnx")
+    assert enc_meta["kind"] == "encoder" and "thresholds" not in enc_meta and int(enc_meta["embedding_dim"]) == 32
+
+    model = onnx.load(str(out / "classifier.onnx"))
+    assert "not a medical device" in model.doc_string
+    assert [o.name for o in model.graph.output] == classifier_output_names(names)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [1, 64, 64]
+    enc = onnx.load(str(out / "encoder.onnx"))
+    assert [o.name for o in enc.graph.output] == ["embedding"]
+    assert enc.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    int8_meta = read_metadata(out / "classifier.int8.onnx")
+    assert int8_meta["model_version"] == meta["model_version"] + "+int8" and "int8" in int8_meta["quantization"]
+
+
+def test_parity_figures_and_int8_auc_in_export_json(exported):
+    _, out, _ = exported
+    report = json.loads((out / "export.json").read_text())
+    for kind in ("classifier", "encoder"):
+        par = report["parity"][kind]
+        assert par["max_abs_diff"] <= 1e-4
+        batches = sorted(v["batch"] for v in par["inputs"].values())
+        assert batches == [1, 5, 7]  # real test images, and random batches 1 and 7 through the dynamic axis
+    names = json.loads(report["metadata"]["classifier"]["class_names"])
+    per_output = report["parity"]["classifier"]["inputs"]["test images (batch 5)"]["per_output"]
+    assert list(per_output) == classifier_output_names(names)  # one figure per output, per class included
+    q = report["int8"]
+    assert q["bytes"] < q["fp32_bytes"] and set(q["sites"]) == {"nih", "vindr", "siim"}
+    assert all(row["images"] > 0 for row in q["sites"].values())
+    measured = [row for row in q["sites"].values() if row["fp32"] is not None]  # AUC needs both classes
+    assert measured
+    for row in measured:
+        assert 0.0 <= row["fp32"] <= 1.0 and 0.0 <= row["int8"] <= 1.0
+        assert row["delta"] == pytest.approx(row["int8"] - row["fp32"])
+
+
+def test_parity_check_fails_when_onnx_and_torch_disagree(exported):
+    run, out, _ = exported
+    pre = load_pretrained(run)
+    inputs = parity_inputs(pre.image_size, None)
+    ok = check_parity(pre.classifier, out / "classifier.onnx", inputs)  # the plain classifier is expanded per class
+    assert ok["max_abs_diff"] <= 1e-4 and len(ok["inputs"]) == 2
+    with torch.no_grad():
+        head = pre.classifier.model.query_networks[0].head
+        head.weight.add_(0.05 * torch.randn_like(head.weight))
+    with pytest.raises(ParityError, match=r"classifier\.onnx: ONNX differs from PyTorch .* output '"):
+        check_parity(pre.classifier, out / "classifier.onnx", inputs)
+    with torch.no_grad():
+        next(pre.encoder.parameters()).mul_(1.5)  # the stem convolution
+    with pytest.raises(ParityError, match="encoder.onnx"):
+        check_parity(pre.embedding_model, out / "encoder.onnx", inputs)
+
+
+def test_export_deletes_a_file_that_fails_parity(exported, tmp_path):
+    pre = load_pretrained(exported[0])
+    with pytest.raises(ParityError, match="tolerance -1"):  # no graph meets a negative tolerance
+        export_model(pre, tmp_path, atol=-1.0, progress=False)
+    assert not (tmp_path / "classifier.onnx").exists()
+
+
+def test_export_bad_run_is_one_clear_error(tmp_path, site_overrides):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nope.*raycxr pretrain"):
+        export_onnx(compose("export", [f"run={tmp_path / 'nope'}", *site_overrides]))
+    with pytest.raises(ValueError, match="unknown exporter"):
+        export_onnx(compose("export", [f"run={tmp_path}", "exporter=magic", *site_overrides]))
+
+
+def test_random_inputs_are_batches_of_one_and_seven():
+    inputs = parity_inputs(16, np.zeros((3, 1, 16, 16), np.float32))
+    assert [x.shape[0] for x in inputs.values()] == [3, 1, 7]
+    assert all(x.dtype == np.float32 and x.shape[1:] == (1, 16, 16) for x in inputs.values())

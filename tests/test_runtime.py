@@ -1,0 +1,387 @@
+"""The hospital runtime (deploy/raycxr_runtime): real DICOM files, a real ONNX export run by
+onnxruntime, the CLI in a process without torch or Ray, the HTTP service over real sockets, and
+no patient identifier in any output or log line.
+
+The model is an untrained UniChest exported by `raycxr.export.export_model` (see test_export.py for
+why untrained); the images are the synthetic corpus's DICOMs (DX, explicit VR, RLE, JPEG 2000,
+MONOCHROME1 and 2) and pydicom's shipped CT / MR files.
+"""
+
+import csv
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import onnx
+import pandas as pd
+import pydicom
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+from PIL import Image
+from pydicom.data import get_testdata_file
+from raycxr_runtime.cli import main
+from raycxr_runtime.inference import Predictor
+from raycxr_runtime.model import Model, ModelError
+from raycxr_runtime.safety import check_header
+from raycxr_runtime.server import make_server
+
+from raycxr.config import compose
+from raycxr.eval.predict import site_targets
+from raycxr.export import export_model
+from raycxr.labels import UnionLabelSpace
+from raycxr.models.pretrained import load_pretrained
+from raycxr.models.unichest import UniChest
+from raycxr.readers import read_image
+from raycxr.sites.config import discover_sites
+from raycxr.synth.generator import synthesize
+from raycxr.train.local import build_encoder, build_text_encoder
+from raycxr.transforms import eval_transforms
+
+SMALL = ["image_size=64", "encoder.embed_dim=32", "unichest.n_experts=2", "text.max_length=16",
+         "unichest.query={n_layers: 1, n_heads: 2, ffn: 64, dropout: 0.0, lambda_local: 1.0, lambda_global: 0.4}"]
+PHI = ["Doe^Jane^Secret", "Jane Doe", "MRN-4242-PHI", "19450317", "ACC-777-PHI", "1.2.826.0.1.999.4242"]
+MAX_BYTES = 200_000
+
+
+def untrained_unichest_state(site_overrides: list[str]) -> dict:
+    """The checkpoint dict `_run_unichest` saves, untrained (same helper as test_export.py)."""
+    cfg = compose("pretrain", [*SMALL, *site_overrides])
+    sites = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
+    names = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()}).names
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg)
+    u = cfg.unichest
+    model = UniChest(encoder, n_experts=u.n_experts, lam=u.lam, bias_ratio=u.bias_ratio, scl_dim=u.scl_dim,
+                     query=OmegaConf.to_container(u.query, resolve=True))
+    for m in [*model.query_networks.modules(), model.gate]:  # default init: outputs that depend on the image
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m._reset_parameters()
+        elif isinstance(m, torch.nn.Linear):
+            m.reset_parameters()
+    for qn in model.query_networks:
+        torch.nn.init.normal_(qn.head.weight, std=0.3)
+    model.set_stage("divide")
+    text = build_text_encoder(cfg, encoder.dim)
+    return {"method": "unichest", "position": 2, "stage": "divide", "model": model.state_dict(),
+            "text_encoder": text.state_dict(), "class_names": names, "site_names": list(sites),
+            "encoder": encoder.state_dict(), "history": [], "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+@pytest.fixture(scope="module")
+def corpus(small_corpus, tmp_path_factory):
+    """The session corpus (nih, vindr, siim) plus a small CheXpert-like site, which has lateral views."""
+    extra = tmp_path_factory.mktemp("chexpert")
+    synthesize(extra, ["chexpert"], n_per_site=16, seed=1, render_size=128, workers=2, preview=False, progress=False)
+    d = tmp_path_factory.mktemp("sites")
+    for n in ("nih", "vindr", "siim"):
+        (d / f"{n}.yaml").write_text(yaml.safe_dump({"name": n, "adapter": "manifest", "root": n}))
+    sites = discover_sites(d, data_root=small_corpus)
+    return {"overrides": [f"sites.sites_dir={d}", f"sites.data_root={small_corpus}"], "sites": sites,
+            "chexpert": extra / "chexpert"}
+
+
+@pytest.fixture(scope="module")
+def exported(corpus, tmp_path_factory):
+    pre = load_pretrained(untrained_unichest_state(corpus["overrides"]))
+    out = tmp_path_factory.mktemp("export")
+    thresholds = np.linspace(0.3, 0.7, len(pre.class_names))
+    export_model(pre, out, thresholds=thresholds, thresholds_note="test", model_version="test-1", progress=False)
+    return pre, out / "classifier.onnx", thresholds
+
+
+@pytest.fixture(scope="module")
+def model(exported):
+    return Model(exported[1], threads=2)
+
+
+@pytest.fixture(scope="module")
+def files(corpus, tmp_path_factory):
+    """Named real files: chest DX of each site (test split), a lateral, a PNG, CT/MR, and broken files."""
+    d = tmp_path_factory.mktemp("files")
+    out = {}
+    for name, site in corpus["sites"].items():
+        m = site.load_manifest().to_pandas()
+        out[name] = [str(site.root / p) for p in m["path"][:2]]
+    chex = pd.read_parquet(corpus["chexpert"] / "manifest.parquet")
+    out["lateral"] = str(corpus["chexpert"] / chex[chex["view"] == "LATERAL"]["path"].iloc[0])
+    out["chexpert_frontal"] = str(corpus["chexpert"] / chex[chex["view"] != "LATERAL"]["path"].iloc[0])
+    png = d / "frontal.png"
+    Image.fromarray((read_image(out["nih"][0]) * 255).round().astype(np.uint8)).save(png)
+    out["png"] = str(png)
+    out["ct"] = get_testdata_file("CT_small.dcm")
+    out["mr"] = get_testdata_file("MR_small.dcm")
+    (d / "garbage.dcm").write_bytes(b"this is not a DICOM file\n" * 20)
+    out["garbage"] = str(d / "garbage.dcm")
+    raw = open(out["nih"][0], "rb").read()
+    (d / "truncated.dcm").write_bytes(raw[: len(raw) // 2])
+    out["truncated"] = str(d / "truncated.dcm")
+    (d / "notes.png").write_text("not an image")
+    out["fake_png"] = str(d / "notes.png")
+    # patient identifiers in every place a header holds them (and in free text)
+    ds = pydicom.dcmread(out["vindr"][0])
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PHI[0], PHI[2], PHI[3]
+    ds.AccessionNumber, ds.StudyInstanceUID = PHI[4], PHI[5]
+    ds.SeriesDescription = f"chest of {PHI[1]}"
+    ds.save_as(d / "phi_chest.dcm")
+    ds.Modality, ds.ViewPosition, ds.SeriesDescription = "CT", "", f"LATERAL {PHI[1]}"
+    ds.save_as(d / "phi_flagged.dcm")
+    out["phi"] = [str(d / "phi_chest.dcm"), str(d / "phi_flagged.dcm")]
+    return out
+
+
+def model_classes(path):
+    return Model(path).class_names
+
+
+def torch_eval_path(pre, paths):
+    """raycxr's evaluation preprocessing (SiteDataset: read_image, then eval_transforms) and the PyTorch classifier."""
+    tf = eval_transforms(pre.image_size)
+    x = torch.stack([torch.as_tensor(np.asarray(tf({"image": read_image(p)[None]})["image"])) for p in paths])
+    with torch.no_grad():
+        return pre.classifier(x).numpy()
+
+
+def test_runtime_equals_pytorch_eval_path_on_real_dicoms(exported, model, corpus, files):
+    pre, _, thresholds = exported
+    paths = []
+    for site in corpus["sites"].values():  # the evaluation split through raycxr's own dataset
+        ds, _, _ = site_targets(site, pre.class_names, "test")
+        paths += [str(ds.root / p) for p in ds.df["path"][:2]]
+    paths += [files["chexpert_frontal"], files["png"]]  # JPEG 2000 DICOM, and an 8-bit PNG
+    results = Predictor(model, batch_size=3).predict_files(paths)
+    assert [r.status for r in results] == ["scored"] * len(paths)
+    got = np.array([[r.probabilities[c] for c in pre.class_names] for r in results])
+    want = torch_eval_path(pre, paths)
+    assert np.abs(got - want).max() <= 1e-4
+    assert want.std(0).max() > 1e-3  # the images give different probabilities: the comparison is not vacuous
+    for r, p in zip(results, got):
+        assert r.findings == [c for c, v, t in zip(pre.class_names, p, thresholds) if v >= t]
+        assert r.model_version == "test-1" and r.input in paths
+    assert results[-1].warnings == ["not DICOM: modality, body part and view could not be checked"]
+
+
+def test_out_of_scope_images_are_flagged_not_scored(model, files):
+    pred = Predictor(model)
+    ct, mr, lateral = pred.predict_files([files["ct"], files["mr"], files["lateral"]])
+    assert ct.status == "flagged" and ct.probabilities is None and ct.findings == []
+    assert any("not a chest radiograph: Modality 'CT'" in w for w in ct.warnings)
+    assert any("SOP class 'CT Image Storage'" in w for w in ct.warnings)
+    assert mr.status == "flagged" and any("Modality 'MR'" in w for w in mr.warnings)
+    assert lateral.status == "flagged" and lateral.probabilities is None
+    assert "lateral view (ViewPosition 'LL'): this model is frontal-only" in lateral.warnings
+    forced = Predictor(model, force=True).predict_files([files["ct"], files["lateral"]])
+    for r in forced:  # scored on request, still marked out of scope
+        assert r.status == "flagged" and len(r.probabilities) == len(model.class_names)
+        assert any("force" in w for w in r.warnings)
+
+
+def test_header_rules(files):
+    ds = pydicom.dcmread(files["nih"][0], stop_before_pixels=True)
+    assert check_header(ds) == ([], [])
+    for keyword, value, expect in [
+        ("BodyPartExamined", "KNEE", "BodyPartExamined 'KNEE'"),
+        ("SOPClassUID", pydicom.uid.DigitalMammographyXRayImageStorageForPresentation, "Mammography"),
+        ("SOPClassUID", pydicom.uid.DigitalXRayImageStorageForProcessing, "For Processing"),
+        ("Modality", "US", "Modality 'US'"),
+        ("ViewPosition", "RL", "ViewPosition 'RL'"),
+    ]:
+        bad = pydicom.dcmread(files["nih"][0], stop_before_pixels=True)
+        setattr(bad, keyword, value)
+        flags, _ = check_header(bad)
+        assert len(flags) == 1 and expect in flags[0], (keyword, flags)
+    for body in ("", "THORAX", "PORT CHEST", "CHEST_PA", "TORAX"):
+        ds.BodyPartExamined = body
+        assert check_header(ds)[0] == []
+    ds.ViewPosition, ds.SeriesDescription = "", "Thorax lateral"
+    assert check_header(ds)[0] == ["lateral view (SeriesDescription mentions a lateral view): this model is "
+                                   "frontal-only"]
+    assert check_header(ds, frontal_only=False)[0] == []
+    ds.SeriesDescription = "left lateral decubitus"  # a frontal projection
+    assert check_header(ds)[0] == []
+    ds.ViewPosition, ds.SeriesDescription = "PA", "CHEST PA AND LAT"  # series text; this image says PA
+    assert check_header(ds)[0] == []
+    del ds.Modality, ds.BodyPartExamined
+    assert check_header(ds) == ([], ["no Modality in the DICOM header: modality not checked",
+                                     "no BodyPartExamined in the DICOM header: body part not checked"])
+
+
+def test_unreadable_files_get_error_status_with_the_reason(model, files, tmp_path):
+    paths = [files["garbage"], files["truncated"], str(tmp_path / "missing.dcm"), files["fake_png"]]
+    results = Predictor(model).predict_files(paths)
+    assert [r.status for r in results] == ["error"] * 4
+    assert all(r.probabilities is None for r in results)
+    reasons = [r.warnings[-1] for r in results]
+    assert "not a DICOM file" in reasons[0]
+    assert "truncated" in reasons[1]
+    assert reasons[2] == "file not found"
+    assert "unreadable image file" in reasons[3]
+
+
+def test_model_file_errors(exported, tmp_path):
+    with pytest.raises(ModelError, match="model file not found"):
+        Model(tmp_path / "nope.onnx")
+    (tmp_path / "text.onnx").write_text("hello")
+    with pytest.raises(ModelError, match=r"text\.onnx: not a loadable ONNX model"):
+        Model(tmp_path / "text.onnx")
+    m = onnx.load(str(exported[1]))
+    del m.metadata_props[:]
+    onnx.save(m, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ModelError, match=r"bare\.onnx: no raycxr metadata .*raycxr export"):
+        Model(tmp_path / "bare.onnx")
+    model = Model(exported[1])
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 1, 64, 64\)"):
+        model.predict(np.zeros((2, 64, 64), np.float32))
+    encoder = Model(exported[1].with_name("encoder.onnx"))
+    assert encoder.kind == "encoder" and encoder.predict(np.zeros((3, 1, 64, 64), np.float32)).shape == (3, 32)
+    with pytest.raises(ValueError, match="needs a classifier"):
+        Predictor(encoder)
+
+
+def test_cli_folders_json_and_csv(exported, files, tmp_path, capsys):
+    _, onnx_path, _ = exported
+    folder = tmp_path / "study" / "nested"
+    folder.mkdir(parents=True)
+    for p in files["nih"]:
+        shutil.copy(p, folder)
+    shutil.copy(files["ct"], tmp_path / "study" / "1.2.840.99")  # PACS-style name without suffix: sniffed
+    (tmp_path / "study" / "readme.txt").write_text("skip me")
+    assert main(["--model", str(onnx_path), str(tmp_path / "study"), files["lateral"], "--out",
+                 str(tmp_path / "r.json"), "--batch-size", "2", "-q"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["summary"] == {"scored": 2, "flagged": 2, "error": 0}
+    assert report["model"]["model_version"] == "test-1"
+    assert [r["input"] for r in report["results"]] == [
+        str(tmp_path / "study" / "1.2.840.99"), *sorted(str(folder / p.split("/")[-1]) for p in files["nih"]),
+        files["lateral"]]
+    for r in report["results"]:
+        assert set(r) == {"input", "status", "warnings", "probabilities", "findings", "model_version"}
+
+    assert main(["--model", str(onnx_path), files["nih"][0], files["ct"], "--out", str(tmp_path / "r.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert [r["status"] for r in rows] == ["scored", "flagged"]
+    assert 0.0 <= float(rows[0]["prob:Pneumothorax"]) <= 1.0 and rows[1]["prob:Pneumothorax"] == ""
+    assert "Modality 'CT'" in rows[1]["warnings"]
+    err = capsys.readouterr().err
+    assert "2 file(s): 1 scored, 1 flagged, 0 error(s)" in err
+
+    assert main(["--model", str(onnx_path), files["nih"][0]]) == 0  # JSON on stdout
+    assert json.loads(capsys.readouterr().out)["results"][0]["status"] == "scored"
+    assert main(["--model", str(tmp_path / "none.onnx"), files["nih"][0]]) == 2
+    assert "none.onnx: model file not found" in capsys.readouterr().err
+    assert main(["--model", str(onnx_path.with_name("encoder.onnx")), files["nih"][0]]) == 2
+    assert "needs a classifier" in capsys.readouterr().err
+    assert main(["--model", str(onnx_path), files["nih"][0], "--out", str(tmp_path / "r.xlsx")]) == 2
+    assert main(["--model", str(onnx_path), str(tmp_path / "missing.dcm")]) == 0  # kept, reported as an error
+    assert json.loads(capsys.readouterr().out)["results"][0]["warnings"] == ["file not found"]
+
+
+def test_runtime_runs_without_torch_ray_or_raycxr_and_leaks_no_phi(exported, files, tmp_path):
+    """`python -m raycxr_runtime` in a process where importing torch, ray or raycxr fails, on files
+    carrying patient identifiers: the output and everything it printed or logged is free of them."""
+    _, onnx_path, _ = exported
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['ray'] = None; sys.modules['raycxr'] = None; "
+            "sys.argv = ['raycxr-infer', *sys.argv[1:]]; runpy.run_module('raycxr_runtime', run_name='__main__')")
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-c", code, "--model", str(onnx_path), *files["phi"], files["nih"][0],
+                           files["lateral"], "--out", str(out), "-vv"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["status"] for r in report["results"]] == ["scored", "flagged", "scored", "flagged"]
+    flagged = report["results"][1]["warnings"]
+    assert any("Modality 'CT'" in w for w in flagged)
+    assert "lateral view (SeriesDescription mentions a lateral view): this model is frontal-only" in flagged
+    in_process = Predictor(Model(onnx_path)).predict_file(files["nih"][0])
+    got = report["results"][2]["probabilities"]
+    assert np.allclose([got[c] for c in model_classes(onnx_path)],
+                       [in_process.probabilities[c] for c in model_classes(onnx_path)], atol=1e-5)
+    assert "phi_chest.dcm: scored" in proc.stderr  # the log names files as given
+    text = out.read_text() + proc.stdout + proc.stderr
+    for identifier in PHI:
+        assert identifier not in text
+
+
+def test_no_phi_in_cli_logs_in_process(exported, files, tmp_path, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    assert main(["--model", str(exported[1]), *files["phi"], "--out", str(tmp_path / "r.csv"), "-vv",
+                 "--force"]) == 0
+    captured = capsys.readouterr()
+    text = (tmp_path / "r.csv").read_text() + caplog.text + captured.out + captured.err
+    assert "phi_flagged.dcm" in caplog.text  # the logs did record these files
+    for identifier in PHI:
+        assert identifier not in text
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    srv = make_server(model, host="127.0.0.1", port=0, max_bytes=MAX_BYTES)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def call(url, method="GET", data=None, headers=None):
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+def test_http_service(server, model, files, caplog):
+    caplog.set_level(logging.DEBUG)
+    status, _, body = call(f"{server}/health")
+    assert status == 200 and body["status"] == "ok" and body["model_version"] == "test-1"
+    status, _, body = call(f"{server}/model")
+    assert status == 200 and body["class_names"] == model.class_names and body["input_size"] == 64
+    assert body["frontal_only"] is True and set(body["thresholds"]) == set(model.class_names)
+
+    dcm = open(files["nih"][0], "rb").read()
+    status, headers, body = call(f"{server}/predict", "POST", dcm,
+                                 {"Content-Type": "application/dicom", "X-Request-Id": "req-17"})
+    assert status == 200 and body["status"] == "scored" and body["input"] == "req-17"
+    assert headers["X-Request-Id"] == "req-17"
+    expected = Predictor(model).predict_file(files["nih"][0])
+    assert np.allclose([body["probabilities"][c] for c in model.class_names],
+                       [expected.probabilities[c] for c in model.class_names], atol=1e-5)
+    status, _, body = call(f"{server}/predict?name=frontal.png", "POST", open(files["png"], "rb").read(),
+                           {"Content-Type": "image/png"})
+    assert status == 200 and body["input"] == "frontal.png" and body["status"] == "scored"
+    status, _, body = call(f"{server}/predict", "POST", open(files["ct"], "rb").read(),
+                           {"Content-Type": "application/octet-stream"})  # sniffed as DICOM
+    assert status == 200 and body["status"] == "flagged" and body["probabilities"] is None
+
+    status, _, body = call(f"{server}/predict", "POST", b"\0" * (MAX_BYTES + 1), {"Content-Type": "application/dicom"})
+    assert status == 413 and str(MAX_BYTES) in body["error"]
+    status, _, body = call(f"{server}/predict", "POST", b"", {"Content-Type": "application/dicom"})
+    assert status == 400 and "empty request body" in body["error"]
+    status, _, body = call(f"{server}/predict", "POST", b"garbage" * 50, {"Content-Type": "application/dicom"})
+    assert status == 422 and "not a DICOM file" in body["error"] and body["status"] == "error"
+    assert "upload" in body["input"] and "/tmp" not in json.dumps(body)  # no server-side path leaks
+    status, _, body = call(f"{server}/predict", "POST", b"a=b", {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 415 and "application/dicom" in body["error"]
+    status, _, body = call(f"{server}/nope")
+    assert status == 404 and "POST /predict" in body["error"]
+    status, headers, body = call(f"{server}/predict")
+    assert status == 405 and headers["Allow"] == "POST"
+    status, headers, body = call(f"{server}/health", "POST", b"{}", {"Content-Type": "application/json"})
+    assert status == 405 and headers["Allow"] == "GET"
+
+    phi = open(files["phi"][0], "rb").read()
+    status, _, body = call(f"{server}/predict", "POST", phi, {"Content-Type": "application/dicom",
+                                                              "X-Request-Id": "req-phi"})
+    assert status == 200 and body["status"] == "scored"
+    assert "POST /predict -> 200 (req-phi)" in caplog.text
+    for identifier in PHI:
+        assert identifier not in json.dumps(body) and identifier not in caplog.text
