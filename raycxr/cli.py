@@ -3,6 +3,10 @@
     raycxr demo [overrides]                       synthesise + register the demo sites, report on them
     raycxr synth out=DIR n_per_site=N seed=S      write the synthetic multi-site corpus
     raycxr pretrain method=unichest|ark|concurrent|mixed|single [overrides]
+    raycxr eval run=RUN [overrides]               AUC/F1/AP, zero-shot, linear probe, fine-tune, report
+    raycxr segment run=RUN [overrides]            MONAI segmentation decoders: pretrained vs random encoder
+    raycxr export run=RUN [int8=true]             ONNX classifier + encoder with metadata and parity check
+    raycxr tune [overrides]                       Ray Tune sweep over UniChest's lambda, K and lr (ASHA)
     raycxr sites list | adapters
     raycxr sites show NAME
     raycxr sites validate [NAME ...] [check_images=true]
@@ -170,7 +174,43 @@ def cmd_pretrain(args: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "sites": cmd_sites, "pretrain": cmd_pretrain}
+def _overrides_only(command: str, args: Sequence[str]) -> list[str]:
+    names, overrides = _split(args)
+    if names:
+        raise SystemExit(f"raycxr {command} takes only overrides (key=value), got {names}")
+    return overrides
+
+
+def cmd_eval(args: Sequence[str]) -> int:
+    from .eval.evaluate import run_eval
+
+    run_eval(compose("eval", _overrides_only("eval", args)))
+    return 0
+
+
+def cmd_segment(args: Sequence[str]) -> int:
+    from .eval.segmentation import run_segmentation
+
+    run_segmentation(compose("segment", _overrides_only("segment", args)))
+    return 0
+
+
+def cmd_export(args: Sequence[str]) -> int:
+    from .export import export_onnx
+
+    export_onnx(compose("export", _overrides_only("export", args)))
+    return 0
+
+
+def cmd_tune(args: Sequence[str]) -> int:
+    from .tune import run_tune
+
+    run_tune(compose("tune", _overrides_only("tune", args)))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "sites": cmd_sites, "pretrain": cmd_pretrain, "eval": cmd_eval,
+            "segment": cmd_segment, "export": cmd_export, "tune": cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

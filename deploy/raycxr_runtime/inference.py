@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 
 from .model import Model
-from .readers import DICOM_SUFFIXES, RASTER_SUFFIXES, ImageReadError, read_dicom_header, read_image, resize
+from .readers import (
+    DICOM_SUFFIXES,
+    RASTER_SUFFIXES,
+    ImageReadError,
+    _has_dicm_marker,
+    read_dicom_header,
+    read_image,
+    resize,
+)
 from .safety import check_header
 
 __all__ = ["Prediction", "Predictor", "collect_inputs", "quiet_pydicom", "write_csv", "write_json"]
@@ -187,15 +195,6 @@ def collect_inputs(items: Iterable[str | os.PathLike[str]]) -> tuple[list[str], 
             else:
                 skipped += 1
     return files, skipped
-
-
-def _has_dicm_marker(p: Path) -> bool:
-    try:
-        with p.open("rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
 
 
 def summary(results: Sequence[Prediction]) -> dict[str, int]:

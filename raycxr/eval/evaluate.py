@@ -36,6 +36,7 @@ from ..quarantine import Quarantine
 from ..sites.config import SiteConfig, discover_sites
 from ..transforms import train_transforms
 from .predict import SitePredictions, predict_site
+from .report import jsonable as _jsonable
 
 
 def reliability(pred: SitePredictions, thresholds: np.ndarray) -> dict[str, Any]:
@@ -325,18 +326,4 @@ def print_summary(results: dict[str, Any]) -> None:
         table.add_row(name, "yes" if r.get("ood") else "", f(mean.get("auc")), f(mean.get("f1")), f(zs), f(lp),
                       fts or "-")
     Console().print(table)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
