@@ -266,12 +266,10 @@ def real_batch(sites: dict[str, SiteConfig], class_names: list[str], image_size:
                split: str = "test") -> np.ndarray | None:
     """Up to ``n`` images of the sites' ``split`` through the evaluation transform, taken in turn from each site."""
     from .eval.predict import site_targets
-    from .transforms import eval_transforms
 
     pools = []
     for site in sites.values():
-        ds, _, _ = site_targets(site, class_names, split)
-        ds.transform = eval_transforms(image_size)
+        ds, _, _ = site_targets(site, class_names, split, image_size=image_size)
         pools.append((ds, iter(range(len(ds)))))
     images: list[np.ndarray] = []
     while pools and len(images) < n:

@@ -16,6 +16,59 @@ def small_corpus(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def small_sites(small_corpus, tmp_path_factory) -> list[str]:
+    """Config overrides registering the small corpus's three sites (manifest adapter)."""
+    import yaml
+
+    d = tmp_path_factory.mktemp("sites")
+    for n in ("nih", "vindr", "siim"):
+        (d / f"{n}.yaml").write_text(yaml.safe_dump({"name": n, "adapter": "manifest", "root": n}))
+    return [f"sites.sites_dir={d}", f"sites.data_root={small_corpus}"]
+
+
+UNICHEST_SMALL = ["image_size=64", "encoder.embed_dim=32", "unichest.n_experts=2", "text.max_length=16",
+                  "unichest.query={n_layers: 1, n_heads: 2, ffn: 64, dropout: 0.0, lambda_local: 1.0, "
+                  "lambda_global: 0.4}"]
+
+
+def untrained_unichest_state(site_overrides: list[str]) -> dict:
+    """The checkpoint dict `_run_unichest` saves, for an untrained small UniChest in the divide stage.
+
+    PyTorch's default init replaces UniChest's 0.02-scaled one in the query networks so that the
+    probabilities depend visibly on the image (std across images ~1e-2, 100x the parity tolerance)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from raycxr.config import compose
+    from raycxr.labels import UnionLabelSpace
+    from raycxr.models.unichest import UniChest
+    from raycxr.sites.config import discover_sites
+    from raycxr.train.local import build_encoder, build_text_encoder
+
+    cfg = compose("pretrain", [*UNICHEST_SMALL, *site_overrides])
+    sites = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
+    names = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()}).names
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg)
+    u = cfg.unichest
+    model = UniChest(encoder, n_experts=u.n_experts, lam=u.lam, bias_ratio=u.bias_ratio, scl_dim=u.scl_dim,
+                     query=OmegaConf.to_container(u.query, resolve=True))
+    for m in [*model.query_networks.modules(), model.gate]:
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m._reset_parameters()
+        elif isinstance(m, torch.nn.Linear):
+            m.reset_parameters()
+    for qn in model.query_networks:
+        torch.nn.init.normal_(qn.head.weight, std=0.3)
+    model.set_stage("divide")
+    text = build_text_encoder(cfg, encoder.dim)
+    return {"method": "unichest", "position": 2, "stage": "divide", "model": model.state_dict(),
+            "text_encoder": text.state_dict(), "class_names": names, "site_names": list(sites),
+            "site_index": {n: i for i, n in enumerate(sites)}, "encoder": encoder.state_dict(), "history": [],
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_threads():
     os.environ.setdefault("OMP_NUM_THREADS", "1")

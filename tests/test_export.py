@@ -11,8 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import yaml
-from omegaconf import OmegaConf
+from conftest import untrained_unichest_state
 
 from raycxr.config import compose
 from raycxr.export import (
@@ -24,57 +23,14 @@ from raycxr.export import (
     parity_inputs,
     read_metadata,
 )
-from raycxr.labels import UnionLabelSpace
 from raycxr.models.pretrained import load_pretrained
-from raycxr.models.unichest import UniChest
-from raycxr.sites.config import discover_sites
-from raycxr.train.local import build_encoder, build_text_encoder
-
-SMALL = ["image_size=64", "encoder.embed_dim=32", "unichest.n_experts=2", "text.max_length=16",
-         "unichest.query={n_layers: 1, n_heads: 2, ffn: 64, dropout: 0.0, lambda_local: 1.0, lambda_global: 0.4}"]
-
-
-def untrained_unichest_state(site_overrides: list[str]) -> dict:
-    """A divide-stage UniChest checkpoint dict with the keys `_run_unichest` saves.
-
-    PyTorch's default init replaces UniChest's 0.02-scaled one in the query networks so that the
-    probabilities depend visibly on the image (std across images ~1e-2, 100x the parity tolerance)."""
-    cfg = compose("pretrain", [*SMALL, *site_overrides])
-    sites = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
-    names = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()}).names
-    torch.manual_seed(0)
-    encoder = build_encoder(cfg)
-    u = cfg.unichest
-    model = UniChest(encoder, n_experts=u.n_experts, lam=u.lam, bias_ratio=u.bias_ratio, scl_dim=u.scl_dim,
-                     query=OmegaConf.to_container(u.query, resolve=True))
-    for m in [*model.query_networks.modules(), model.gate]:
-        if isinstance(m, torch.nn.MultiheadAttention):
-            m._reset_parameters()
-        elif isinstance(m, torch.nn.Linear):
-            m.reset_parameters()
-    for qn in model.query_networks:
-        torch.nn.init.normal_(qn.head.weight, std=0.3)
-    model.set_stage("divide")
-    text = build_text_encoder(cfg, encoder.dim)
-    return {"method": "unichest", "position": 2, "stage": "divide", "model": model.state_dict(),
-            "text_encoder": text.state_dict(), "class_names": names, "site_names": list(sites),
-            "site_index": {n: i for i, n in enumerate(sites)}, "encoder": encoder.state_dict(), "history": [],
-            "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
 @pytest.fixture(scope="module")
-def site_overrides(small_corpus, tmp_path_factory):
-    d = tmp_path_factory.mktemp("sites")
-    for n in ("nih", "vindr", "siim"):
-        (d / f"{n}.yaml").write_text(yaml.safe_dump({"name": n, "adapter": "manifest", "root": n}))
-    return [f"sites.sites_dir={d}", f"sites.data_root={small_corpus}"]
-
-
-@pytest.fixture(scope="module")
-def exported(site_overrides, tmp_path_factory):
+def exported(small_sites, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    torch.save(untrained_unichest_state(site_overrides), run / "checkpoint.pt")
-    cfg = compose("export", [f"run={run}", "int8=true", "parity.batch=5", "threads=2", *site_overrides])
+    torch.save(untrained_unichest_state(small_sites), run / "checkpoint.pt")
+    cfg = compose("export", [f"run={run}", "int8=true", "parity.batch=5", "threads=2", *small_sites])
     result = export_onnx(cfg)
     return run, run / "export", result
 
@@ -159,11 +115,11 @@ def test_export_deletes_a_file_that_fails_parity(exported, tmp_path):
     assert not (tmp_path / "classifier.onnx").exists()
 
 
-def test_export_bad_run_is_one_clear_error(tmp_path, site_overrides):
+def test_export_bad_run_is_one_clear_error(tmp_path, small_sites):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nope.*raycxr pretrain"):
-        export_onnx(compose("export", [f"run={tmp_path / 'nope'}", *site_overrides]))
+        export_onnx(compose("export", [f"run={tmp_path / 'nope'}", *small_sites]))
     with pytest.raises(ValueError, match="unknown exporter"):
-        export_onnx(compose("export", [f"run={tmp_path}", "exporter=magic", *site_overrides]))
+        export_onnx(compose("export", [f"run={tmp_path}", "exporter=magic", *small_sites]))
 
 
 def test_random_inputs_are_batches_of_one_and_seven():

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import yaml
 
 from raycxr.config import compose
 from raycxr.models.pretrained import load_pretrained
@@ -13,21 +12,13 @@ SMALL = ["image_size=64", "batch_size=8", "encoder.embed_dim=32", "ark.proj_dim=
          "text.max_length=32", "threads=2"]
 
 
-@pytest.fixture(scope="module")
-def sites_dir(small_corpus, tmp_path_factory):
-    d = tmp_path_factory.mktemp("sites")
-    for n in ("nih", "vindr", "siim"):
-        (d / f"{n}.yaml").write_text(yaml.safe_dump({"name": n, "adapter": "manifest", "root": n}))
-    return [f"sites.sites_dir={d}", f"sites.data_root={small_corpus}"]
+def cfg(small_sites, out, *extra):
+    return compose("pretrain", [*SMALL, *small_sites, f"out={out}", *extra])
 
 
-def cfg(sites_dir, out, *extra):
-    return compose("pretrain", [*SMALL, *sites_dir, f"out={out}", *extra])
-
-
-def test_unichest_conquer_then_divide_loss_falls_and_restores(sites_dir, tmp_path):
+def test_unichest_conquer_then_divide_loss_falls_and_restores(small_sites, tmp_path):
     # 24 images per site leave too few val images for an AUC: validation scores the train split here
-    res = run_pretrain(cfg(sites_dir, tmp_path / "a", "unichest.conquer_epochs=4", "unichest.divide_epochs=1",
+    res = run_pretrain(cfg(small_sites, tmp_path / "a", "unichest.conquer_epochs=4", "unichest.divide_epochs=1",
                            "unichest.lr=1e-3", "val.split=train"))
     h = res["history"]
     assert [r["stage"] for r in h] == ["conquer"] * 4 + ["divide"]
@@ -47,18 +38,18 @@ def test_unichest_conquer_then_divide_loss_falls_and_restores(sites_dir, tmp_pat
     assert all(torch.equal(conquer["encoder"][k], final["encoder"][k]) for k in conquer["encoder"])
 
     # a run stopped after conquer continues into divide from its checkpoint
-    run_pretrain(cfg(sites_dir, tmp_path / "b", "unichest.conquer_epochs=1", "unichest.divide_epochs=0"))
-    res_b = run_pretrain(cfg(sites_dir, tmp_path / "b", "unichest.conquer_epochs=1", "unichest.divide_epochs=1",
+    run_pretrain(cfg(small_sites, tmp_path / "b", "unichest.conquer_epochs=1", "unichest.divide_epochs=0"))
+    res_b = run_pretrain(cfg(small_sites, tmp_path / "b", "unichest.conquer_epochs=1", "unichest.divide_epochs=1",
                              f"resume={tmp_path / 'b'}"))
     assert [r["stage"] for r in res_b["history"]] == ["conquer", "divide"]
     b = load_checkpoint(tmp_path / "b")
     assert b["position"] == 2 and b["stage"] == "divide"
     with pytest.raises(ValueError, match="cannot resume"):
-        run_pretrain(cfg(sites_dir, tmp_path / "c", "method=ark", f"resume={tmp_path / 'b'}"))
+        run_pretrain(cfg(small_sites, tmp_path / "c", "method=ark", f"resume={tmp_path / 'b'}"))
 
 
-def test_ark_rounds_ema_and_a_site_joining(sites_dir, tmp_path):
-    res = run_pretrain(cfg(sites_dir, tmp_path / "ark", "method=ark", "ark.rounds=2", "site_names=[nih,vindr]"))
+def test_ark_rounds_ema_and_a_site_joining(small_sites, tmp_path):
+    res = run_pretrain(cfg(small_sites, tmp_path / "ark", "method=ark", "ark.rounds=2", "site_names=[nih,vindr]"))
     h = res["history"]
     assert [(r["round"], r["site"]) for r in h] == [(0, "nih"), (0, "vindr"), (1, "nih"), (1, "vindr")]
     assert h[0]["momentum"] == pytest.approx(0.9) and h[0]["consistency_weight"] == 0.0
@@ -68,7 +59,7 @@ def test_ark_rounds_ema_and_a_site_joining(sites_dir, tmp_path):
     s_enc = {k: v for k, v in ck["model"].items() if k.startswith("encoder.backbone.conv1")}
     assert not all(torch.equal(t_enc[k], s_enc[k]) for k in t_enc)  # EMA teacher lags the student
     # resume with one more site: it gets a fresh head; the others keep theirs
-    res2 = run_pretrain(cfg(sites_dir, tmp_path / "ark", "method=ark", "ark.rounds=3", f"resume={tmp_path / 'ark'}"))
+    res2 = run_pretrain(cfg(small_sites, tmp_path / "ark", "method=ark", "ark.rounds=3", f"resume={tmp_path / 'ark'}"))
     assert [(r["round"], r["site"]) for r in res2["history"]][-3:] == [(2, "nih"), (2, "vindr"), (2, "siim")]
     ck2 = load_checkpoint(tmp_path / "ark")
     assert ck2["site_classes"] == {"nih": 14, "vindr": 14, "siim": 1}
@@ -80,14 +71,14 @@ def test_ark_rounds_ema_and_a_site_joining(sites_dir, tmp_path):
 
 
 @pytest.mark.parametrize("method,extra", [("concurrent", []), ("mixed", []), ("single", ["site_names=[siim]"])])
-def test_baselines_run(sites_dir, tmp_path, method, extra):
-    res = run_pretrain(cfg(sites_dir, tmp_path, f"method={method}", "baseline.epochs=2", *extra))
+def test_baselines_run(small_sites, tmp_path, method, extra):
+    res = run_pretrain(cfg(small_sites, tmp_path, f"method={method}", "baseline.epochs=2", *extra))
     assert len(res["history"]) == 2 and all(r["loss"] > 0 for r in res["history"])
     pre = load_pretrained(tmp_path)
     assert pre.classifier(torch.rand(2, 1, 64, 64)).shape == (2, len(pre.class_names))
 
 
-def test_logged_val_auc_is_the_saved_models_auc(sites_dir, tmp_path):
+def test_logged_val_auc_is_the_saved_models_auc(small_sites, tmp_path):
     """One definition of "the model's prediction": the val AUC logged during training equals the AUC
     of the saved run scored through load_pretrained + predict_site (the evaluation path)."""
     import numpy as np
@@ -96,7 +87,7 @@ def test_logged_val_auc_is_the_saved_models_auc(sites_dir, tmp_path):
     from raycxr.eval.predict import predict_site
     from raycxr.train.local import select_sites
 
-    c = cfg(sites_dir, tmp_path, "method=mixed", "baseline.epochs=1", "val.split=train")
+    c = cfg(small_sites, tmp_path, "method=mixed", "baseline.epochs=1", "val.split=train")
     res = run_pretrain(c)
     pre = load_pretrained(tmp_path)
     preds = [predict_site(pre.classifier, s, pre.class_names, split="train", image_size=64, progress=False)
@@ -107,10 +98,10 @@ def test_logged_val_auc_is_the_saved_models_auc(sites_dir, tmp_path):
     assert res["history"][-1]["val_auc"] == pytest.approx(auc, abs=1e-4)
 
 
-def test_bad_method_and_sites(sites_dir, tmp_path):
+def test_bad_method_and_sites(small_sites, tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
-        run_pretrain(cfg(sites_dir, tmp_path, "method=moco"))
+        run_pretrain(cfg(small_sites, tmp_path, "method=moco"))
     with pytest.raises(ValueError, match="unknown site"):
-        run_pretrain(cfg(sites_dir, tmp_path, "site_names=[nope]"))
+        run_pretrain(cfg(small_sites, tmp_path, "site_names=[nope]"))
     with pytest.raises(ValueError, match="exactly one site"):
-        run_pretrain(cfg(sites_dir, tmp_path, "method=single"))
+        run_pretrain(cfg(small_sites, tmp_path, "method=single"))

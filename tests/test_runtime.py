@@ -24,7 +24,7 @@ import pydicom
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
+from conftest import untrained_unichest_state
 from PIL import Image
 from pydicom.data import get_testdata_file
 from raycxr_runtime.cli import main
@@ -33,46 +33,16 @@ from raycxr_runtime.model import Model, ModelError
 from raycxr_runtime.safety import check_header
 from raycxr_runtime.server import make_server
 
-from raycxr.config import compose
 from raycxr.eval.predict import site_targets
 from raycxr.export import export_model
-from raycxr.labels import UnionLabelSpace
 from raycxr.models.pretrained import load_pretrained
-from raycxr.models.unichest import UniChest
 from raycxr.readers import read_image
 from raycxr.sites.config import discover_sites
 from raycxr.synth.generator import synthesize
-from raycxr.train.local import build_encoder, build_text_encoder
 from raycxr.transforms import eval_transforms
 
-SMALL = ["image_size=64", "encoder.embed_dim=32", "unichest.n_experts=2", "text.max_length=16",
-         "unichest.query={n_layers: 1, n_heads: 2, ffn: 64, dropout: 0.0, lambda_local: 1.0, lambda_global: 0.4}"]
 PHI = ["Doe^Jane^Secret", "Jane Doe", "MRN-4242-PHI", "19450317", "ACC-777-PHI", "1.2.826.0.1.999.4242"]
 MAX_BYTES = 200_000
-
-
-def untrained_unichest_state(site_overrides: list[str]) -> dict:
-    """The checkpoint dict `_run_unichest` saves, untrained (same helper as test_export.py)."""
-    cfg = compose("pretrain", [*SMALL, *site_overrides])
-    sites = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
-    names = UnionLabelSpace.build({n: s.load_manifest().label_names for n, s in sites.items()}).names
-    torch.manual_seed(0)
-    encoder = build_encoder(cfg)
-    u = cfg.unichest
-    model = UniChest(encoder, n_experts=u.n_experts, lam=u.lam, bias_ratio=u.bias_ratio, scl_dim=u.scl_dim,
-                     query=OmegaConf.to_container(u.query, resolve=True))
-    for m in [*model.query_networks.modules(), model.gate]:  # default init: outputs that depend on the image
-        if isinstance(m, torch.nn.MultiheadAttention):
-            m._reset_parameters()
-        elif isinstance(m, torch.nn.Linear):
-            m.reset_parameters()
-    for qn in model.query_networks:
-        torch.nn.init.normal_(qn.head.weight, std=0.3)
-    model.set_stage("divide")
-    text = build_text_encoder(cfg, encoder.dim)
-    return {"method": "unichest", "position": 2, "stage": "divide", "model": model.state_dict(),
-            "text_encoder": text.state_dict(), "class_names": names, "site_names": list(sites),
-            "encoder": encoder.state_dict(), "history": [], "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
 @pytest.fixture(scope="module")

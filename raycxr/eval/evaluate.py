@@ -202,10 +202,7 @@ def attention_maps(pre: Pretrained, site: SiteConfig, out: Path, n: int, cfg: Di
 
     from .predict import site_targets
 
-    ds, targets, mask = site_targets(site, pre.class_names, cfg.split)
-    from ..transforms import eval_transforms
-
-    ds.transform = eval_transforms(pre.image_size)
+    ds, targets, mask = site_targets(site, pre.class_names, cfg.split, image_size=pre.image_size)
     pos = [(i, j) for i, j in zip(*np.nonzero(targets * mask)) if pre.class_names[j] != "No Finding"][:n]
     if not pos:
         return []

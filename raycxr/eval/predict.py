@@ -42,15 +42,16 @@ class SitePredictions:
         return [j for j in range(len(self.class_names)) if self.mask[:, j].any()]
 
 
-def site_targets(site: SiteConfig, class_names: list[str], split: str | None) -> tuple[SiteDataset, np.ndarray,
-                                                                                          np.ndarray]:
-    """The site's split with its labels mapped onto ``class_names`` (by canonical name)."""
+def site_targets(site: SiteConfig, class_names: list[str], split: str | None, *,
+                 image_size: int = 224) -> tuple[SiteDataset, np.ndarray, np.ndarray]:
+    """The site's split (evaluation transform at ``image_size``) with its labels mapped onto
+    ``class_names`` (by canonical name)."""
     manifest = site.load_manifest()
     own = manifest.label_names
     canon = [canonical_name(n) for n in class_names]
     # a label space with the model's classes first, so union columns 0..C-1 are the model's order
     space = UnionLabelSpace.build({"__model__": canon, site.name: own})
-    ds = SiteDataset(manifest, site.root, transform=eval_transforms(224), split=split, label_space=space,
+    ds = SiteDataset(manifest, site.root, transform=eval_transforms(image_size), split=split, label_space=space,
                      uncertain_policy="ignore", quarantine=Quarantine(site.quarantine_path, site=site.name))
     c = len(class_names)
     return ds, ds.targets[:, :c], ds.target_mask[:, :c]
@@ -61,8 +62,7 @@ def predict_site(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], site
                  *, split: str | None = "test", image_size: int = 224, batch_size: int = 32,
                  progress: bool = True, limit: int | None = None) -> SitePredictions:
     """Run ``model`` (images → probabilities over ``class_names``) on a site's split."""
-    ds, targets, mask = site_targets(site, class_names, split)
-    ds.transform = eval_transforms(image_size)
+    ds, targets, mask = site_targets(site, class_names, split, image_size=image_size)
     n = len(ds) if limit is None else min(limit, len(ds))
     subset = torch.utils.data.Subset(ds, range(n))
     dl = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)

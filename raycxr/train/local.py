@@ -84,6 +84,7 @@ class LocalData:
         self.cfg, self.sites = cfg, sites
         self.label_names = {n: s.load_manifest().label_names for n, s in sites.items()}
         self.union = UnionLabelSpace.build(self.label_names)
+        self._val: DataLoader | None = None
 
     def site_classes(self) -> dict[str, int]:
         return {n: len(names) for n, names in self.label_names.items()}
@@ -99,12 +100,14 @@ class LocalData:
         """Un-augmented val split of every site, union targets (``None`` when validation is off)."""
         if not _val_enabled(self.cfg):
             return None
-        split = self.cfg.val.get("split", "val")
-        sets = list(site_datasets(self.cfg, self.sites, split=split, train=False, union=self.union).values())
-        limit = self.cfg.val.get("limit")
-        if limit:
-            sets = [torch.utils.data.Subset(d, range(min(int(limit), len(d)))) for d in sets]
-        return loader(ConcatDataset(sets), self.cfg, shuffle=False)
+        if self._val is None:  # built once: every epoch scores the same images
+            split = self.cfg.val.get("split", "val")
+            sets = list(site_datasets(self.cfg, self.sites, split=split, train=False, union=self.union).values())
+            limit = self.cfg.val.get("limit")
+            if limit:
+                sets = [torch.utils.data.Subset(d, range(min(int(limit), len(d)))) for d in sets]
+            self._val = loader(ConcatDataset(sets), self.cfg, shuffle=False)
+        return self._val
 
     def probe(self) -> dict | None:
         return _probe_batch(site_datasets(self.cfg, self.sites, union=self.union, train=False), self.cfg.probe_size)
