@@ -43,13 +43,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--clients", type=int, default=4)
     args = ap.parse_args()
-    from raycxr_runtime.model import Model
-    from raycxr_runtime.server import make_server
-
     from raycxr.config import compose
     from raycxr.export import compare_auc, export_onnx, ort_session, quantize_int8
     from raycxr.models.pretrained import load_pretrained
     from raycxr.sites.config import discover_sites
+    from raycxr_runtime.model import Model
+    from raycxr_runtime.server import make_server
 
     threads = torch.get_num_threads()
     tmp = Path(tempfile.mkdtemp())

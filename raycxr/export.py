@@ -41,32 +41,21 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
+from raycxr_runtime import contract
+from raycxr_runtime.contract import (
+    EMBEDDING,
+    INPUT,
+    META_PREFIX,
+    PREPROCESSING,
+    PROBABILITIES,
+    classifier_output_names,
+)
+
 from . import __version__
 from .models.pretrained import Pretrained, load_pretrained
 from .sites.config import SiteConfig, discover_sites
 
-META_PREFIX = "raycxr."
-PROBABILITIES = "probabilities"
-EMBEDDING = "embedding"
-INPUT = "image"
-CLASS_OUTPUT_PREFIX = "prob:"
 EXPORTERS = ("legacy", "dynamo")
-
-# What the runtime must do to a file before the model sees it; the functions named here are the
-# ones training and evaluation call (raycxr.readers re-exports raycxr_runtime.readers).
-PREPROCESSING: dict[str, Any] = {
-    "reader": "raycxr_runtime.readers.read_image",
-    "dicom": "modality LUT (rescale), then VOI LUT or the first window (min-max when there is none), "
-             "then MONOCHROME1 inverted; single-frame only",
-    "raster": "PNG/JPEG/TIFF: 8-bit / 255, 16-bit / 65535, colour -> BT.601 luma",
-    "resize": "raycxr_runtime.readers.resize: bilinear, antialiased when shrinking (Pillow float mode), "
-              "to input_size x input_size without keeping the aspect ratio",
-    "value_range": [0.0, 1.0],
-    "channels": 1,
-    "layout": "NCHW",
-    "dtype": "float32",
-    "normalisation": "inside the model (feed [0, 1] values)",
-}
 
 
 class ParityError(ValueError):
@@ -83,13 +72,6 @@ class ClassifierOutputs(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         p = self.classifier(x)
         return (p, *(p[:, j] for j in range(p.shape[1])))
-
-
-def classifier_output_names(class_names: Sequence[str]) -> list[str]:
-    """``["probabilities", "prob:<class 0>", ...]``: the classifier graph's outputs, in order."""
-    if len(set(class_names)) != len(class_names):
-        raise ValueError(f"class names must be unique to name the ONNX outputs: {list(class_names)}")
-    return [PROBABILITIES, *(f"{CLASS_OUTPUT_PREFIX}{c}" for c in class_names)]
 
 
 # ----------------------------------------------------------------------------------- ONNX writing
@@ -145,7 +127,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    return contract.strip_prefix({p.key: p.value for p in model.metadata_props})
 
 
 def build_metadata(pretrained: Pretrained, *, kind: str, model_version: str, thresholds: Sequence[float] | None,
@@ -193,14 +175,8 @@ def _doc(pretrained: Pretrained, kind: str, model_version: str) -> str:
 
 
 def ort_session(path: str | Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session (all graph optimisations on, as the runtime uses it)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    """An onnxruntime CPU session opened as the runtime opens it (:func:`raycxr_runtime.contract.session`)."""
+    return contract.session(str(path), threads=threads)
 
 
 def _reference(module: nn.Module, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
@@ -334,7 +310,7 @@ def export_model(pretrained: Pretrained, out_dir: str | Path, *, thresholds: Seq
             raise
         steps.update(1)
         result["files"][kind] = _file_info(path)
-        result["metadata"][kind] = {k[len(META_PREFIX):]: v for k, v in meta.items()}
+        result["metadata"][kind] = contract.strip_prefix(meta)
     steps.close()
     result["thresholds"] = dict(zip(names, (float(t) for t in thresholds)))
     result["thresholds_note"] = thresholds_note

@@ -27,11 +27,6 @@ import yaml
 from conftest import untrained_unichest_state
 from PIL import Image
 from pydicom.data import get_testdata_file
-from raycxr_runtime.cli import main
-from raycxr_runtime.inference import Predictor
-from raycxr_runtime.model import Model, ModelError
-from raycxr_runtime.safety import check_header
-from raycxr_runtime.server import make_server
 
 from raycxr.eval.predict import site_targets
 from raycxr.export import export_model
@@ -40,6 +35,11 @@ from raycxr.readers import read_image
 from raycxr.sites.config import discover_sites
 from raycxr.synth.generator import synthesize
 from raycxr.transforms import eval_transforms
+from raycxr_runtime.cli import main
+from raycxr_runtime.inference import Predictor
+from raycxr_runtime.model import Model, ModelError
+from raycxr_runtime.safety import check_header
+from raycxr_runtime.server import make_server
 
 PHI = ["Doe^Jane^Secret", "Jane Doe", "MRN-4242-PHI", "19450317", "ACC-777-PHI", "1.2.826.0.1.999.4242"]
 MAX_BYTES = 200_000

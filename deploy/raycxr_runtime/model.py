@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["META_PREFIX", "Model", "ModelError"]
+from . import contract
+from .contract import META_PREFIX, REQUIRED_METADATA
 
-META_PREFIX = "raycxr."
-_REQUIRED = ("kind", "class_names", "input_size", "model_version")
+__all__ = ["META_PREFIX", "Model", "ModelError"]
 
 
 class ModelError(Exception):
@@ -41,28 +41,21 @@ class Model:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(self.path, "model file not found" if not self.path.exists() else "not a regular file")
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3  # onnxruntime's own warnings (e.g. unused initialisers) are not the user's problem
-        if threads:
-            opts.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self.session = contract.session(str(self.path), threads=threads, quiet=True)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types; all mean "not usable"
             detail = " ".join(str(exc).split())[:300]
             raise ModelError(self.path, f"not a loadable ONNX model ({type(exc).__name__}: {detail})") from None
         raw = self.session.get_modelmeta().custom_metadata_map
-        meta = {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX)}
-        missing = [k for k in _REQUIRED if k not in meta]
+        meta = contract.strip_prefix(raw)
+        missing = [k for k in REQUIRED_METADATA if k not in meta]
         if missing:
             raise ModelError(self.path, f"no raycxr metadata ({', '.join(META_PREFIX + k for k in missing)} missing): "
                                         "export the model with `raycxr export`")
         self.metadata: dict[str, Any] = {k: _decode(v) for k, v in meta.items()}
         self.kind = str(meta["kind"])
-        if self.kind not in ("classifier", "encoder"):
-            raise ModelError(self.path, f"unknown raycxr.kind '{self.kind}' (expected classifier or encoder)")
+        if self.kind not in contract.KINDS:
+            raise ModelError(self.path, f"unknown raycxr.kind '{self.kind}' (expected one of {contract.KINDS})")
         try:
             self.class_names: list[str] = [str(c) for c in json.loads(meta["class_names"])]
             self.input_size = int(meta["input_size"])
@@ -80,7 +73,7 @@ class Model:
         if len(shape) != 4 or shape[1] != 1 or shape[2:] != [self.input_size, self.input_size]:
             raise ModelError(self.path, f"input '{self.input_name}' has shape {shape}, metadata says "
                                         f"[batch, 1, {self.input_size}, {self.input_size}]")
-        self.output_name = "probabilities" if self.kind == "classifier" else "embedding"
+        self.output_name = contract.output_name(self.kind)
         outputs = [o.name for o in self.session.get_outputs()]
         if self.output_name not in outputs:
             raise ModelError(self.path, f"no '{self.output_name}' output (outputs: {outputs[:5]})")
