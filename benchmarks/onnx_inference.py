@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     from raycxr.config import compose
     from raycxr.export import compare_auc, export_onnx, ort_session, quantize_int8
-    from raycxr.models.pretrained import load_pretrained
+    from raycxr.methods import load_pretrained
     from raycxr.sites.config import discover_sites
     from raycxr_runtime.model import Model
     from raycxr_runtime.server import make_server
@@ -58,7 +58,7 @@ def main() -> None:
     pre = load_pretrained(args.run)
     s = pre.image_size
     sess = {"fp32": ort_session(fp32, threads), "int8": ort_session(int8, threads)}
-    res: dict = {"run": args.run, "method": pre.method, "encoder": pre.config["encoder"]["name"], "image_size": s,
+    res: dict = {"run": args.run, "method": pre.method, "encoder": pre.encoder_name, "image_size": s,
                  "threads": threads, "repeats": args.repeats, "latency": {}}
 
     def torch_fn(x):

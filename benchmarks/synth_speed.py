@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from raycxr.config import cache_dir
+from raycxr.sites.tables import source_table
 from raycxr.synth.acquisition import SiteProfile, write_dicom
-from raycxr.synth.generator import DEFAULT_SITES, source_table, synthesize
+from raycxr.synth.generator import DEFAULT_SITES, synthesize
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""A site's images as a PyTorch dataset: manifest rows → transformed tensors and masked labels.
+"""Sites as PyTorch datasets: manifest rows → transformed tensors and masked labels (:class:`SiteDataset`,
+built by :func:`site_dataset`), and images paired with masks for segmentation (:class:`SegmentationDataset`).
 
 A file that cannot be read is recorded in the site's quarantine (with the reason) and the sample
 is dropped from its batch by :func:`collate_skip_none`; it never stops a run.
@@ -6,18 +7,24 @@ is dropped from its batch by :func:`collate_skip_none`; it never stops a run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from .labels import UnionLabelSpace, apply_uncertain_policy
 from .manifest import Manifest
 from .quarantine import Quarantine
-from .readers import ImageReadError, read_image
+from .readers import ImageReadError, read_image, resize
+from .transforms import eval_transforms, segmentation_train_transforms, transforms_from_config
+
+if TYPE_CHECKING:
+    from .sites.config import SiteConfig
 
 
 class SiteDataset(Dataset):
@@ -35,7 +42,7 @@ class SiteDataset(Dataset):
     def __init__(self, manifest: Manifest, root: str | Path, *, transform: Callable | None = None,
                  split: str | None = None, label_space: UnionLabelSpace | None = None,
                  uncertain_policy: str = "ignore", site_index: int = 0, quarantine: Quarantine | None = None,
-                 seed: int = 0, second_view: Callable | None = None) -> None:
+                 seed: int = 0, second_view: Callable | None = None, use_labels: bool = True) -> None:
         self.manifest = manifest.split(split) if split else manifest
         self.root = Path(root)
         self.transform = transform
@@ -49,6 +56,8 @@ class SiteDataset(Dataset):
         keep = ~df["image_id"].isin(skip).to_numpy()
         self.df = df[keep].reset_index(drop=True)
         raw = self.manifest.label_matrix()[keep]
+        if not use_labels:  # a site trained by a self-supervised or report objective: its labels are not used
+            raw = np.full_like(raw, np.nan)
         # resolved once per build, so a stochastic policy (lsr_ones) is fixed per sample
         self.labels = apply_uncertain_policy(raw, uncertain_policy, rng=np.random.default_rng(seed))
         self.label_mask = (~np.isnan(self.labels)).astype(np.float32)
@@ -92,3 +101,157 @@ def collate_skip_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] 
     """Default collation after dropping quarantined (None) samples; None if nothing is left."""
     items = [b for b in batch if b is not None]
     return default_collate(items) if items else None
+
+
+def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str | None = "train", train: bool = True,
+                 label_space: UnionLabelSpace | None = None, second_view: bool = False, site_index: int = 0,
+                 seed: int = 0, manifest: Manifest | None = None, quarantine: Quarantine | None = None,
+                 uncertain_policy: str | None = None, use_labels: bool | None = None) -> SiteDataset:
+    """The one way a registered site becomes a dataset (local runs, site actors, evaluation, fine-tuning).
+
+    Args:
+        site: the registered site (root, manifest, uncertain policy, objective, quarantine file).
+        transforms: a ``transforms`` config node (``{size, train: {...}}``).
+        split: the manifest split (None: every row).
+        train: augmented (training) or deterministic (evaluation) transforms.
+        label_space: union targets in this space (e.g. :meth:`UnionLabelSpace.onto` a model's classes).
+        second_view: also return ``image2``: a clean view for a supervised site (Ark's teacher input), a
+            second augmented view for a site with a self-supervised objective.
+        site_index: the site's number in the run (UniChest's source id).
+        seed: seeds the uncertain-label policy (``lsr_ones``).
+        manifest: an already loaded manifest (else read from the site).
+        quarantine: shared quarantine (else the site's own file).
+        uncertain_policy: overrides the site's policy (evaluation scores uncertain labels as missing).
+        use_labels: keep the labels; default: unless the site trains by a self-supervised or report
+            objective (its labels are then not training targets; evaluation always keeps them).
+    """
+    tf = transforms_from_config(transforms, train=train)
+    view2 = None
+    if second_view:
+        view2 = eval_transforms(int(transforms.get("size", 224))) if site.objective == "supervised" else tf
+    return SiteDataset(manifest if manifest is not None else site.load_manifest(), site.root, transform=tf,
+                       split=split, label_space=label_space,
+                       uncertain_policy=uncertain_policy or site.uncertain_policy, site_index=site_index,
+                       quarantine=quarantine if quarantine is not None else Quarantine(site.quarantine_path,
+                                                                                      site=site.name),
+                       seed=seed, second_view=view2,
+                       use_labels=use_labels if use_labels is not None else site.objective == "supervised" or not train)
+
+
+SEGMENTATION_TASKS = {"lungs": "lung_mask_path", "pneumothorax": "mask_path"}  # task -> manifest column
+
+
+def read_mask(path: Path | None, size: int) -> np.ndarray:
+    """A PNG mask (> 0 = foreground) resized nearest to ``(size, size)``; zeros for ``None``."""
+    if path is None:
+        return np.zeros((size, size), np.float32)
+    with Image.open(path) as im:
+        m = np.asarray(im.convert("L")) > 0
+    if m.shape != (size, size):
+        m = np.asarray(Image.fromarray(m.astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST)) > 0
+    return m.astype(np.float32)
+
+
+
+class SegmentationDataset(Dataset):
+    """Images paired with their masks. Each item is a dict:
+
+    - ``image``: ``(1, size, size)`` float32 in [0, 1] (the raycxr bilinear resize)
+    - ``mask``: ``(1, size, size)`` float32 in {0, 1} (nearest resize; zeros where the row has no mask)
+    - ``site``, ``image_id``
+
+    An unreadable image gives ``None`` (dropped from its batch by :func:`collate_skip_none`) and is
+    recorded in its site's quarantine when one is given.
+
+    Args:
+        records: dicts with ``image`` (path), ``mask`` (path or None), ``site`` and ``image_id``.
+        size: output side in pixels.
+        train: apply the light augmentation (affine on image and mask together, intensity jitter).
+        seed: seed of the augmentation.
+        quarantines: per site name, where unreadable images are recorded.
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], *, size: int, train: bool = False, seed: int = 0,
+                 quarantines: Mapping[str, Quarantine] | None = None) -> None:
+        self.records = [dict(r) for r in records]
+        self.quarantines = dict(quarantines or {})
+        self.size = int(size)
+        self.train = bool(train)
+        self.transform = segmentation_train_transforms(self.size) if self.train else None
+        self.set_random_state(seed)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest | pd.DataFrame, root: str | Path, task: str, *, split: str | None,
+                      size: int, train: bool = False, limit: int | None = None, seed: int = 0,
+                      frontal_only: bool = True, site: str | None = None,
+                      quarantine: Quarantine | None = None) -> SegmentationDataset:
+        """The rows of ``split`` (all rows if None) of a manifest whose files lie under ``root``.
+
+        ``lungs`` keeps the rows that have a lung mask; ``pneumothorax`` keeps every row (no mask = empty).
+        ``limit`` picks that many rows at random (seeded). Raises ``ValueError`` when the manifest has no
+        masks at all for the task."""
+        if task not in SEGMENTATION_TASKS:
+            raise ValueError(f"unknown segmentation task '{task}'; expected one of {sorted(SEGMENTATION_TASKS)}")
+        df = manifest.to_pandas() if isinstance(manifest, Manifest) else manifest
+        name = site or (str(df["site"].iloc[0]) if "site" in df.columns and len(df) else str(root))
+        col = SEGMENTATION_TASKS[task]
+        if col not in df.columns or not df[col].notna().any():
+            what = "lung masks" if task == "lungs" else "pneumothorax masks"
+            raise ValueError(f"site '{name}' has no {what}: its manifest's '{col}' column is "
+                             f"{'missing' if col not in df.columns else 'empty'}; the {task} task needs it")
+        if split is not None:
+            df = df[df["split"] == split]
+        if frontal_only and "view" in df.columns:
+            df = df[~df["view"].astype(str).str.upper().isin(["LAT", "LATERAL", "LL", "RL"])]
+        if task == "lungs":
+            df = df[df[col].notna()]
+        if limit is not None and len(df) > int(limit):
+            df = df.sample(n=int(limit), random_state=seed).sort_index()
+        root = Path(root)
+        records = [{"image": root / r["path"], "mask": root / r[col] if isinstance(r[col], str) else None,
+                    "site": name, "image_id": str(r.get("image_id", r["path"]))} for r in df.to_dict("records")]
+        return cls(records, size=size, train=train, seed=seed,
+                   quarantines={name: quarantine} if quarantine is not None else None)
+
+    @classmethod
+    def from_site(cls, site: SiteConfig, task: str, **kwargs: Any) -> SegmentationDataset:
+        """:meth:`from_manifest` on a registered site's manifest (unreadable images go to its quarantine)."""
+        return cls.from_manifest(site.load_manifest(), site.root, task, site=site.name,
+                                 quarantine=Quarantine(site.quarantine_path, site=site.name), **kwargs)
+
+    @classmethod
+    def concat(cls, parts: Sequence[SegmentationDataset], *, seed: int = 0) -> SegmentationDataset:
+        """Several sites' datasets as one (same size and mode)."""
+        if not parts:
+            raise ValueError("no datasets to concatenate")
+        return cls([r for p in parts for r in p.records], size=parts[0].size, train=parts[0].train, seed=seed,
+                   quarantines={k: q for p in parts for k, q in p.quarantines.items()})
+
+    def set_random_state(self, seed: int) -> None:
+        """Reset the augmentation's random state (identical augmentations for every init)."""
+        if self.transform is not None:
+            self.transform.set_random_state(seed=int(seed))
+
+    @property
+    def has_mask(self) -> np.ndarray:
+        """Whether each row has a mask file (rows without one have an empty mask)."""
+        return np.array([r["mask"] is not None for r in self.records], dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        r = self.records[i]
+        try:
+            image = read_image(r["image"])
+        except ImageReadError as e:
+            q = self.quarantines.get(r["site"])
+            if q is not None:
+                q.record(r["image_id"], str(r["image"]), e.reason)
+            return None
+        item = {"image": resize(image, self.size)[None], "mask": read_mask(r["mask"], self.size)[None]}
+        if self.transform is not None:
+            item = self.transform(item)
+        return {"image": torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32),
+                "mask": (torch.as_tensor(np.asarray(item["mask"])) > 0.5).float(),
+                "site": r["site"], "image_id": r["image_id"]}

@@ -52,7 +52,8 @@ from raycxr_runtime.contract import (
 )
 
 from . import __version__
-from .models.pretrained import Pretrained, load_pretrained
+from .checkpoint import Checkpoint
+from .methods import Pretrained, load_pretrained
 from .sites.config import SiteConfig, discover_sites
 
 EXPORTERS = ("legacy", "dynamo")
@@ -134,7 +135,7 @@ def build_metadata(pretrained: Pretrained, *, kind: str, model_version: str, thr
                    thresholds_note: str = "", frontal_only: bool = True, embedding_dim: int | None = None,
                    extra: dict[str, Any] | None = None) -> dict[str, str]:
     """The ``raycxr.*`` keys of one ONNX file (values are strings; lists and dicts are JSON)."""
-    enc = (pretrained.config.get("encoder") or {}).get("name", "")
+    enc = pretrained.encoder_name
     meta: dict[str, Any] = {
         "kind": kind,
         "class_names": json.dumps(list(pretrained.class_names)),
@@ -475,15 +476,6 @@ def _out_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def _checkpoint_path(run: str | Path) -> Path:
-    p = Path(run)
-    ckpt = p / "checkpoint.pt" if p.is_dir() else p
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"no checkpoint at {ckpt}: pass run=<a run folder with checkpoint.pt, or a .pt file> "
-                                "(train one with `raycxr pretrain`)")
-    return ckpt
-
-
 def export_onnx(cfg: DictConfig) -> dict[str, Any]:
     """``raycxr export``: thresholds on the validation split, ONNX files, parity, optional INT8, ``export.json``."""
     import time
@@ -493,7 +485,7 @@ def export_onnx(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     if cfg.exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter '{cfg.exporter}'; expected one of {EXPORTERS}")
-    ckpt = _checkpoint_path(cfg.run)
+    ckpt = Checkpoint.find(cfg.run)
     digest = sha256_file(ckpt)
     pretrained = load_pretrained(ckpt)
     out = _out_dir(cfg)

@@ -141,6 +141,24 @@ class UnionLabelSpace:
             index = {s: remap[ix] for s, ix in index.items()}
         return cls(names, {s: list(v) for s, v in site_label_names.items()}, index)
 
+    @classmethod
+    def onto(cls, class_names: Sequence[str], site_label_names: Mapping[str, Sequence[str]], *,
+             strict: bool = False, synonyms: Mapping[str, str] | None = None) -> UnionLabelSpace:
+        """A label space whose classes are exactly ``class_names`` (in that order), with each site's own
+        classes matched by canonical name: the one way raycxr projects a site's labels onto a model's
+        or a run's class list. A site class that is not in ``class_names`` is dropped (index -1), or,
+        with ``strict``, an error."""
+        canon = [canonical_name(n, synonyms) for n in class_names]
+        col = {c: i for i, c in enumerate(canon)}
+        index = {}
+        for site, own in site_label_names.items():
+            ix = np.array([col.get(canonical_name(n, synonyms), -1) for n in own], dtype=np.int64)
+            if strict and (ix < 0).any():
+                missing = [n for n, i in zip(own, ix) if i < 0]
+                raise ValueError(f"site '{site}': classes {missing} are not in the class list {list(class_names)}")
+            index[site] = ix
+        return cls(list(class_names), {s: list(v) for s, v in site_label_names.items()}, index)
+
     def __len__(self) -> int:
         return len(self.names)
 
@@ -164,13 +182,14 @@ class UnionLabelSpace:
         targets = np.zeros((labels.shape[0], len(self.names)), np.float32)
         mask = np.zeros_like(targets)
         known = ~np.isnan(resolved)
-        targets[:, ix] = np.where(known, resolved, 0.0)
-        mask[:, ix] = known.astype(np.float32)
+        keep = ix >= 0  # site classes outside this space (see :meth:`onto`) are left out
+        targets[:, ix[keep]] = np.where(known, resolved, 0.0)[:, keep]
+        mask[:, ix[keep]] = known[:, keep].astype(np.float32)
         return targets, mask
 
     def coverage(self) -> np.ndarray:
         """``(n_sites, U)`` matrix: 1 where a site annotates a union class (for the README plot)."""
         cov = np.zeros((len(self.site_index), len(self.names)), np.float32)
         for i, ix in enumerate(self.site_index.values()):
-            cov[i, ix] = 1
+            cov[i, ix[ix >= 0]] = 1
         return cov

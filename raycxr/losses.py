@@ -31,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "UNICHEST_ITC_SCALE",
+    "DiceBCELoss",
     "ark_consistency_loss",
     "asymmetric_loss",
     "combine_experts",
@@ -422,3 +423,21 @@ def slip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, z1: torch.Tensor,
     clip_term = image_text_contrastive_loss(image_emb, text_emb, temperature, normalize=True)
     ssl_term = nt_xent_loss(z1, z2, temperature if ssl_temperature is None else ssl_temperature)
     return clip_term + ssl_scale * ssl_term
+
+
+class DiceBCELoss(nn.Module):
+    """MONAI soft Dice (sigmoid, over the whole batch) plus binary cross-entropy, per output channel.
+
+    The Dice term is computed over the batch (``batch=True``) so that images with an empty mask (SIIM
+    negatives) do not give a 0/0 Dice each. For one channel this is MONAI ``DiceCELoss(sigmoid=True)``."""
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_bce: float = 1.0) -> None:
+        from monai.losses import DiceLoss
+
+        super().__init__()
+        self.dice = DiceLoss(sigmoid=True, batch=True)
+        self.bce = nn.BCEWithLogitsLoss()
+        self.lambda_dice, self.lambda_bce = float(lambda_dice), float(lambda_bce)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.lambda_dice * self.dice(logits, target) + self.lambda_bce * self.bce(logits, target)

@@ -4,7 +4,9 @@ A site's objective plays the role of its task head: it owns its trainable parts 
 queue) and turns the shared encoder's output on a batch into a loss. Supervised sites use
 :class:`SupervisedHead`; sites with reports only, or with images only, use one of the objectives
 compared in the reports-vs-SSL study: CLIP / ConVIRT (image-report contrastive), SimCLR, MoCo v2,
-VICReg, or SLIP (CLIP + SimCLR). The choice comes from the site YAML (``objective:``).
+VICReg, or SLIP (CLIP + SimCLR). The choice comes from the site YAML (``objective:``); objectives are
+registered by name (:func:`register_objective`), and each method says which ones it can train
+(``Method.objectives``), so a site whose objective a method cannot use is refused, not ignored.
 
 Interface: ``objective(features, batch, *, features2=None, key_features=None, text_emb=None)``
 returns ``(loss, terms)`` where ``features`` are the encoder's pooled embeddings of view 1,
@@ -20,7 +22,27 @@ from torch import nn
 
 from .losses import image_text_contrastive_loss, masked_bce_with_logits, moco_loss, nt_xent_loss, vicreg_loss
 
-OBJECTIVES = ("supervised", "clip", "simclr", "mocov2", "vicreg", "slip")
+# name -> builder(dim, n_classes=..., text_dim=..., **options); filled by @register_objective
+_OBJECTIVES: dict[str, type[SiteObjective]] = {}
+# objectives that read the site's reports (they need the text encoder)
+REPORT_OBJECTIVES = ("clip", "slip")
+
+
+def register_objective(name: str):
+    """Class decorator: make a :class:`SiteObjective` available as ``objective: <name>`` in site YAMLs."""
+    def deco(cls: type[SiteObjective]) -> type[SiteObjective]:
+        old = _OBJECTIVES.get(name)
+        if old is not None and old.__qualname__ != cls.__qualname__:
+            raise ValueError(f"objective '{name}' is already registered by {old.__qualname__}")
+        cls.objective_name = name
+        _OBJECTIVES[name] = cls
+        return cls
+    return deco
+
+
+def list_objectives() -> tuple[str, ...]:
+    """Registered objective names, ``supervised`` first."""
+    return tuple(sorted(_OBJECTIVES, key=lambda n: (n != "supervised", list(_OBJECTIVES).index(n))))
 
 
 def _mlp(dim: int, hidden: int, out: int, *, bn: bool = False) -> nn.Sequential:
@@ -40,6 +62,7 @@ class SiteObjective(nn.Module):
         raise NotImplementedError
 
 
+@register_objective("supervised")
 class SupervisedHead(SiteObjective):
     """Linear head over the site's own label space; masked BCE (missing labels ignored)."""
 
@@ -52,6 +75,7 @@ class SupervisedHead(SiteObjective):
         return loss, {"supervised": loss.detach()}
 
 
+@register_objective("clip")
 class CLIPObjective(SiteObjective):
     """Image-report contrastive (ConVIRT / CLIP): project the image into the text space."""
 
@@ -69,6 +93,7 @@ class CLIPObjective(SiteObjective):
         return loss, {"clip": loss.detach()}
 
 
+@register_objective("simclr")
 class SimCLRObjective(SiteObjective):
     """Two augmented views, NT-Xent on an MLP projection."""
 
@@ -84,6 +109,7 @@ class SimCLRObjective(SiteObjective):
         return loss, {"simclr": loss.detach()}
 
 
+@register_objective("mocov2")
 class MoCoV2Objective(SiteObjective):
     """Queries from the student, keys from the momentum encoder (Ark's EMA teacher), negatives
     from a FIFO queue of past keys."""
@@ -115,6 +141,7 @@ class MoCoV2Objective(SiteObjective):
         return loss, {"moco": loss.detach()}
 
 
+@register_objective("vicreg")
 class VICRegObjective(SiteObjective):
     """Variance-invariance-covariance on an expander of two views."""
 
@@ -129,6 +156,7 @@ class VICRegObjective(SiteObjective):
         return loss, {"vicreg": loss.detach()}
 
 
+@register_objective("slip")
 class SLIPObjective(SiteObjective):
     """SLIP: image-report contrastive plus SimCLR on the same images."""
 
@@ -149,19 +177,19 @@ class SLIPObjective(SiteObjective):
 
 def make_objective(kind: str, dim: int, *, n_classes: int = 0, text_dim: int | None = None,
                    **options: float) -> SiteObjective:
-    """Build a site's objective from its YAML ``objective`` name."""
+    """Build a site's objective from its YAML ``objective`` name (see :func:`register_objective`)."""
+    if kind not in _OBJECTIVES:
+        raise ValueError(f"unknown objective '{kind}'; expected one of {list_objectives()}")
     if kind == "supervised":
         if n_classes < 1:
             raise ValueError("a supervised site needs at least one label; use clip, simclr, mocov2, vicreg "
                              "or slip for an unlabelled site")
         return SupervisedHead(dim, n_classes)
-    if kind in ("clip", "slip") and not text_dim:
-        raise ValueError(f"objective '{kind}' needs a text encoder (text_dim)")
-    builders = {"clip": lambda: CLIPObjective(dim, text_dim, **options),
-                "simclr": lambda: SimCLRObjective(dim, **options),
-                "mocov2": lambda: MoCoV2Objective(dim, **options),
-                "vicreg": lambda: VICRegObjective(dim, **options),
-                "slip": lambda: SLIPObjective(dim, text_dim, **options)}
-    if kind not in builders:
-        raise ValueError(f"unknown objective '{kind}'; expected one of {OBJECTIVES}")
-    return builders[kind]()
+    if kind in REPORT_OBJECTIVES:
+        if not text_dim:
+            raise ValueError(f"objective '{kind}' needs a text encoder (text_dim)")
+        return _OBJECTIVES[kind](dim, text_dim, **options)
+    return _OBJECTIVES[kind](dim, **options)
+
+
+OBJECTIVES = list_objectives()  # the built-in ones, for validation and tests

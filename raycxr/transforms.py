@@ -97,6 +97,21 @@ def transforms_from_config(cfg: Mapping[str, Any], train: bool) -> Compose:
     return train_transforms(size, **kw)
 
 
+def segmentation_train_transforms(size: int) -> Compose:
+    """Light augmentation of an image and its mask together (``{"image", "mask"}``, both ``(1, S, S)``):
+    geometry on both (nearest for the mask), intensity on the image only."""
+    # geometry on image and mask together (nearest for the mask), intensity on the image only
+    return Compose([
+        RandAffined(["image", "mask"], prob=0.8, rotate_range=(float(np.deg2rad(10.0)),), scale_range=(0.1, 0.1),
+                    translate_range=(0.05 * size, 0.05 * size), mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandAdjustContrastd("image", prob=0.5, gamma=(0.7, 1.5)),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.05, prob=0.5),
+        ScaleIntensityRanged("image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+        EnsureTyped(["image", "mask"], dtype=torch.float32, track_meta=False),
+    ])
+
+
 def fourier_amplitude_mix(images: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Mix the Fourier amplitude of each image with its partner's, keeping its own phase.
 

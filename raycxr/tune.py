@@ -2,7 +2,7 @@
 
 - The grid is ``tune.lam`` × ``tune.n_experts`` × ``tune.lr`` (``tune.grid_search``); every other knob
   is the pretraining config (``configs/tune.yaml`` composes ``configs/pretrain.yaml``).
-- Each trial runs :func:`raycxr.train.local.train_method` with :class:`~raycxr.train.local.LocalData` in
+- Each trial runs :func:`raycxr.train.driver.train_method` with :class:`~raycxr.train.local.LocalData` in
   the trial process, reporting once per epoch through ``ray.tune.report`` (metrics, ``val_auc``
   included, plus a checkpoint). ASHA stops trials whose val AUC trails at a rung.
 - Resume: run again with the same ``tune.name`` / ``tune.storage_path``; ``Tuner.restore`` resumes
@@ -34,10 +34,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .train.local import LocalData, Run, load_checkpoint, select_sites, train_method
+from .checkpoint import FILENAME, Checkpoint
+from .train.driver import Run, train_method
+from .train.local import LocalData, select_sites
 
 # column in the results -> the pretraining config key it sets
 SWEPT = {"lam": "unichest.lam", "K": "unichest.n_experts", "lr": "unichest.lr"}
@@ -105,17 +106,17 @@ class TuneRun(Run):
         self.last = record
         super().log(record)
 
-    def save(self, state: dict, name: str = "checkpoint.pt") -> Path:
+    def save(self, checkpoint: Checkpoint, name: str = FILENAME) -> Path:
         import ray.tune
 
-        if name != "checkpoint.pt":  # stage snapshots (conquer.pt): the schedule reads them back
-            return super().save(state, name)
+        if name != FILENAME:  # stage snapshots (conquer.pt): the schedule reads them back
+            return super().save(checkpoint, name)
         metrics = _metrics(self.last)
         if not self.checkpoint:
             ray.tune.report(metrics)
             return self.out / name
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / "checkpoint.pt")
+            checkpoint.save(Path(d) / FILENAME)
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(d))
         return self.out / name
 
@@ -132,8 +133,8 @@ def run_trial(params: dict, base: dict) -> None:
     ckpt = ray.tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = load_checkpoint(Path(d) / "checkpoint.pt")
-        print(f"trial {name}: resuming at epoch {resume['position']}")
+            resume = Checkpoint.load(Path(d) / FILENAME)
+        print(f"trial {name}: resuming at epoch {resume.position}")
     sites = select_sites(cfg)
     train_method(cfg, sites, run, resume, LocalData(cfg, sites))
 
@@ -143,33 +144,18 @@ def run_trial_on_train(params: dict, base: dict) -> None:
     ``TorchTrainer`` running :func:`raycxr.train.ray_runner.train_loop_per_worker`, reporting every
     epoch to Tune. A restored trial resumes from its Train run's checkpoint (same name and storage)."""
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from .sites.actor import start_site_actor
+    from .train.ray_launch import build_trainer, start_site_actors
     from .train.ray_runner import train_loop_per_worker
 
     cfg = trial_config(base, params)
     trial = ray.tune.get_context().get_trial_id()
     exp = Path(base["out"])
     cfg.out, cfg.runner = str(exp / "runs" / trial), "ray"
-    r = cfg.ray
-    r.run_name = f"{exp.name}-{trial}"  # also names this trial's site actors
-    sites = select_sites(cfg)
-    transforms = OmegaConf.to_container(cfg.transforms, resolve=True)
-    actors = {n: start_site_actor(s, data_root=cfg.sites.data_root, transforms=transforms, site_index=i,
-                                  seed=int(cfg.seed), run_name=r.run_name, max_restarts=r.actor_max_restarts)
-              for i, (n, s) in enumerate(sites.items())}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "actors": actors},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker}),
-        run_config=RunConfig(name=r.run_name, storage_path=str(exp / "train"), callbacks=[_train_to_tune()],
-                             failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep)),
-    )
-    trainer.fit()
+    cfg.ray.run_name = f"{exp.name}-{trial}"  # also names this trial's site actors
+    actors = start_site_actors(cfg, select_sites(cfg), cfg.ray.run_name)
+    build_trainer(cfg, actors, train_loop_per_worker, name=cfg.ray.run_name, storage=exp / "train",
+                  callbacks=[_train_to_tune()]).fit()
 
 
 def _train_to_tune() -> Any:
@@ -229,6 +215,8 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from .train.ray_launch import init_ray
+
     if cfg.method != "unichest":
         raise ValueError(f"raycxr tune sweeps UniChest's λ and K; method={cfg.method} is not supported")
     if not (cfg.get("val") and cfg.val.get("enabled", True)):
@@ -246,10 +234,7 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
     storage, name = str(exp.parent), exp.name
     _check_same_sweep(exp, _fingerprint(base, grid))
 
-    if not ray.is_initialized():
-        r = cfg.ray
-        ray.init(address=r.address, num_cpus=r.num_cpus, include_dashboard=False, log_to_driver=r.log_to_driver,
-                 object_store_memory=int(r.object_store_mb) * 2**20 if r.object_store_mb else None)
+    init_ray(cfg)
     max_concurrent = t.max_concurrent_trials
     if t.trial_runner == "ray":
         # the trial only drives its TorchTrainer, whose worker group asks for its own resources (a bundle

@@ -32,19 +32,20 @@ UNICHEST_SMALL = ["image_size=64", "encoder.embed_dim=32", "unichest.n_experts=2
                   "lambda_global: 0.4}"]
 
 
-def untrained_unichest_state(site_overrides: list[str]) -> dict:
-    """The checkpoint dict `_run_unichest` saves, for an untrained small UniChest in the divide stage.
+def untrained_unichest_state(site_overrides: list[str]):
+    """The checkpoint the UniChest method saves, for an untrained small UniChest in the divide stage.
 
     PyTorch's default init replaces UniChest's 0.02-scaled one in the query networks so that the
     probabilities depend visibly on the image (std across images ~1e-2, 100x the parity tolerance)."""
     import torch
     from omegaconf import OmegaConf
 
+    from raycxr.checkpoint import Checkpoint
     from raycxr.config import compose
     from raycxr.labels import UnionLabelSpace
+    from raycxr.models.factory import build_encoder, build_text_encoder
     from raycxr.models.unichest import UniChest
     from raycxr.sites.config import discover_sites
-    from raycxr.train.local import build_encoder, build_text_encoder
 
     cfg = compose("pretrain", [*UNICHEST_SMALL, *site_overrides])
     sites = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
@@ -63,10 +64,10 @@ def untrained_unichest_state(site_overrides: list[str]) -> dict:
         torch.nn.init.normal_(qn.head.weight, std=0.3)
     model.set_stage("divide")
     text = build_text_encoder(cfg, encoder.dim)
-    return {"method": "unichest", "position": 2, "stage": "divide", "model": model.state_dict(),
-            "text_encoder": text.state_dict(), "class_names": names, "site_names": list(sites),
-            "site_index": {n: i for i, n in enumerate(sites)}, "encoder": encoder.state_dict(), "history": [],
-            "config": OmegaConf.to_container(cfg, resolve=True)}
+    return Checkpoint(method="unichest", config=OmegaConf.to_container(cfg, resolve=True), position=2,
+                      modules={"model": model.state_dict(), "text_head": text.mlp_embed.state_dict()},
+                      meta={"stage": "divide", "class_names": names, "site_names": list(sites),
+                            "site_index": {n: i for i, n in enumerate(sites)}})
 
 
 @pytest.fixture(autouse=True, scope="session")

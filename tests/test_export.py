@@ -23,13 +23,13 @@ from raycxr.export import (
     parity_inputs,
     read_metadata,
 )
-from raycxr.models.pretrained import load_pretrained
+from raycxr.methods import load_pretrained
 
 
 @pytest.fixture(scope="module")
 def exported(small_sites, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    torch.save(untrained_unichest_state(small_sites), run / "checkpoint.pt")
+    untrained_unichest_state(small_sites).save(run / "checkpoint.pt")
     cfg = compose("export", [f"run={run}", "int8=true", "parity.batch=5", "threads=2", *small_sites])
     result = export_onnx(cfg)
     return run, run / "export", result

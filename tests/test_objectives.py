@@ -41,8 +41,9 @@ def test_objective_errors():
 
 
 def test_ark_with_a_self_supervised_site(small_corpus, tmp_path):
+    from raycxr.checkpoint import Checkpoint
     from raycxr.config import compose
-    from raycxr.train.local import load_checkpoint, run_pretrain
+    from raycxr.train.local import run_pretrain
 
     d = tmp_path / "sites"
     d.mkdir()
@@ -53,5 +54,5 @@ def test_ark_with_a_self_supervised_site(small_corpus, tmp_path):
                                f"sites.sites_dir={d}", f"sites.data_root={small_corpus}", f"out={tmp_path / 'run'}"])
     res = run_pretrain(cfg)
     assert [r["site"] for r in res["history"]] == ["nih", "siim"]
-    ck = load_checkpoint(tmp_path / "run")
-    assert ck["site_objectives"] == {"siim": "simclr"} and "siim" not in ck["site_classes"]
+    ck = Checkpoint.load(tmp_path / "run")
+    assert ck.meta["site_objectives"] == {"siim": "simclr"} and "siim" not in ck.meta["site_classes"]

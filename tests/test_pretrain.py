@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from raycxr.checkpoint import Checkpoint
 from raycxr.config import compose
-from raycxr.models.pretrained import load_pretrained
-from raycxr.train.local import load_checkpoint, run_pretrain
+from raycxr.methods import load_pretrained
+from raycxr.train.local import run_pretrain
 
 SMALL = ["image_size=64", "batch_size=8", "encoder.embed_dim=32", "ark.proj_dim=32",
          "unichest.query={n_layers: 2, n_heads: 2, ffn: 64, dropout: 0.0, lambda_local: 1.0, lambda_global: 0.4}",
@@ -32,18 +33,19 @@ def test_unichest_conquer_then_divide_loss_falls_and_restores(small_sites, tmp_p
     # conquer.pt is the conquer epoch with the best val AUC, and divide started from it
     val = [r["val_auc"] for r in h]
     assert all(v is not None for v in val)
-    assert load_checkpoint(tmp_path / "a" / "conquer.pt")["val_auc"] == max(val[:4])
+    assert Checkpoint.load(tmp_path / "a" / "conquer.pt").val_auc == max(val[:4])
     # divide kept the conquer encoder exactly (frozen, BatchNorm statistics included)
-    conquer, final = load_checkpoint(tmp_path / "a" / "conquer.pt"), load_checkpoint(tmp_path / "a")
-    assert all(torch.equal(conquer["encoder"][k], final["encoder"][k]) for k in conquer["encoder"])
+    conquer, final = Checkpoint.load(tmp_path / "a" / "conquer.pt"), Checkpoint.load(tmp_path / "a")
+    c_enc, f_enc = conquer.encoder_state(), final.encoder_state()
+    assert all(torch.equal(c_enc[k], f_enc[k]) for k in c_enc)
 
     # a run stopped after conquer continues into divide from its checkpoint
     run_pretrain(cfg(small_sites, tmp_path / "b", "unichest.conquer_epochs=1", "unichest.divide_epochs=0"))
     res_b = run_pretrain(cfg(small_sites, tmp_path / "b", "unichest.conquer_epochs=1", "unichest.divide_epochs=1",
                              f"resume={tmp_path / 'b'}"))
     assert [r["stage"] for r in res_b["history"]] == ["conquer", "divide"]
-    b = load_checkpoint(tmp_path / "b")
-    assert b["position"] == 2 and b["stage"] == "divide"
+    b = Checkpoint.load(tmp_path / "b")
+    assert b.position == 2 and b.meta["stage"] == "divide"
     with pytest.raises(ValueError, match="cannot resume"):
         run_pretrain(cfg(small_sites, tmp_path / "c", "method=ark", f"resume={tmp_path / 'b'}"))
 
@@ -54,15 +56,15 @@ def test_ark_rounds_ema_and_a_site_joining(small_sites, tmp_path):
     assert [(r["round"], r["site"]) for r in h] == [(0, "nih"), (0, "vindr"), (1, "nih"), (1, "vindr")]
     assert h[0]["momentum"] == pytest.approx(0.9) and h[0]["consistency_weight"] == 0.0
     assert h[2]["supervised"] < h[0]["supervised"]  # the nih head learns across rounds
-    ck = load_checkpoint(tmp_path / "ark")
-    t_enc = {k: v for k, v in ck["teacher"].items() if k.startswith("encoder.backbone.conv1")}
-    s_enc = {k: v for k, v in ck["model"].items() if k.startswith("encoder.backbone.conv1")}
+    ck = Checkpoint.load(tmp_path / "ark")
+    t_enc = {k: v for k, v in ck.modules["teacher"].items() if k.startswith("encoder.backbone.conv1")}
+    s_enc = {k: v for k, v in ck.modules["model"].items() if k.startswith("encoder.backbone.conv1")}
     assert not all(torch.equal(t_enc[k], s_enc[k]) for k in t_enc)  # EMA teacher lags the student
     # resume with one more site: it gets a fresh head; the others keep theirs
     res2 = run_pretrain(cfg(small_sites, tmp_path / "ark", "method=ark", "ark.rounds=3", f"resume={tmp_path / 'ark'}"))
     assert [(r["round"], r["site"]) for r in res2["history"]][-3:] == [(2, "nih"), (2, "vindr"), (2, "siim")]
-    ck2 = load_checkpoint(tmp_path / "ark")
-    assert ck2["site_classes"] == {"nih": 14, "vindr": 14, "siim": 1}
+    ck2 = Checkpoint.load(tmp_path / "ark")
+    assert ck2.meta["site_classes"] == {"nih": 14, "vindr": 14, "siim": 1}
     # the run as a classifier: every head averaged into the union classes
     pre = load_pretrained(tmp_path / "ark")
     assert "Pneumothorax" in pre.class_names and pre.site_labels["siim"] == ["Pneumothorax"]

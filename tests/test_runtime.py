@@ -30,7 +30,7 @@ from pydicom.data import get_testdata_file
 
 from raycxr.eval.predict import site_targets
 from raycxr.export import export_model
-from raycxr.models.pretrained import load_pretrained
+from raycxr.methods import load_pretrained
 from raycxr.readers import read_image
 from raycxr.sites.config import discover_sites
 from raycxr.synth.generator import synthesize

@@ -8,17 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
+from raycxr.checkpoint import Checkpoint
 from raycxr.config import compose
-from raycxr.eval.segmentation import (
-    DiceBCELoss,
-    SegmentationDataset,
-    SegmentationModel,
-    evaluate_segmentation,
-    run_segmentation,
-    train_segmentation,
-)
+from raycxr.dataset import SegmentationDataset
+from raycxr.eval.segmentation import evaluate_segmentation, run_segmentation, train_segmentation
+from raycxr.losses import DiceBCELoss
 from raycxr.manifest import Manifest
 from raycxr.models.encoders import ImageEncoder
+from raycxr.models.segmentation import SegmentationModel
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -52,14 +49,13 @@ def run_dir(tmp_path_factory) -> Path:
         enc.backbone.bn1.running_mean.uniform_(-1, 1)
         enc.backbone.layer3[0].bn2.running_var.uniform_(0.5, 2.0)
     run = tmp_path_factory.mktemp("run")
-    torch.save({"encoder": enc.state_dict(),
-                "config": {"encoder": {"name": "resnet18", "embed_dim": 64}, "image_size": SIZE}},
-               run / "checkpoint.pt")
+    Checkpoint(method="mixed", config={"encoder": {"name": "resnet18", "embed_dim": 64}, "image_size": SIZE},
+               modules={"model": {f"encoder.{k}": v for k, v in enc.state_dict().items()}}).save(run / "checkpoint.pt")
     return run
 
 
 def _encoder_state(run: Path) -> dict:
-    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["encoder"]
+    return Checkpoint.load(run).encoder_state()
 
 
 def test_pretrained_weights_are_loaded_into_the_feature_extractor(run_dir):

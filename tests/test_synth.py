@@ -7,8 +7,9 @@ import pytest
 from raycxr.labels import canonical_name
 from raycxr.manifest import Manifest
 from raycxr.readers import read_image
+from raycxr.sites.tables import source_table
 from raycxr.synth.acquisition import PROFILES, SiteProfile, to_stored, write_dicom
-from raycxr.synth.generator import SiteSpec, render_one, source_table, synthesize
+from raycxr.synth.generator import SiteSpec, render_one, synthesize
 
 
 def test_corpus_layout_manifest_and_headers(small_corpus):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from raycxr.reports import entity_text, extract_entities, positive_findings, split_sentences
 from raycxr.text import (
     SMALL_MODEL_NAME,
     TextEncoder,
@@ -20,11 +21,7 @@ from raycxr.text import (
     build_small_bert,
     default_text_model_dir,
     encode_class_names,
-    entity_text,
-    extract_entities,
-    positive_findings,
     shipped_model_dir,
-    split_sentences,
     text_model_dir,
 )
 
@@ -32,7 +29,7 @@ from raycxr.text import (
 @pytest.fixture(scope="module")
 def openi():
     """Open-I's real table: 7,470 image rows with report text and MeSH-derived labels."""
-    from raycxr.synth.generator import source_table
+    from raycxr.sites.tables import source_table
 
     m = source_table("openi")
     return m.to_pandas(), list(m.label_names)

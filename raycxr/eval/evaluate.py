@@ -6,11 +6,11 @@ For a run folder it scores, on each site's test split:
   threshold, as UniChest reports them, with bootstrap CIs), with reliability figures (false-negative
   rate by sex and age band, subset accuracy, FNR/accuracy across thresholds, oracle AUC when the
   most uncertain cases are referred);
-- zero-shot (UniChest): the site's own class names as text queries, including classes no training
-  site had;
+- zero-shot (a method that scores class names, e.g. UniChest): the site's own class names as text
+  queries, including classes no training site had;
 - a linear probe on frozen embeddings, and fine-tuning with 1 %, 10 % and 100 % of a target
   site's training images (plus linear-probe-then-fine-tune);
-- cross-attention heat-maps of the query network for positive test images.
+- attention heat-maps (a method that has them, e.g. UniChest's query networks) for positive test images.
 
 Sites the run did not train on are reported as out-of-distribution (``ood: true``).
 """
@@ -29,12 +29,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..dataset import SiteDataset, collate_skip_none
+from ..dataset import collate_skip_none, site_dataset
 from ..losses import masked_bce_with_logits
-from ..models.pretrained import Pretrained, load_pretrained
-from ..quarantine import Quarantine
+from ..methods import Pretrained, load_pretrained
+from ..models.classifiers import Probabilities
+from ..models.factory import LinearClassifier
 from ..sites.config import SiteConfig, discover_sites
-from ..transforms import train_transforms
+from ..train.supervised import fit_supervised
 from .predict import SitePredictions, predict_site
 from .report import jsonable as _jsonable
 
@@ -80,7 +81,7 @@ def score_site(model: nn.Module, site: SiteConfig, class_names: list[str], *, im
 
 
 def zero_shot(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> dict[str, Any]:
-    """UniChest queried with the site's own class names (prompt template from the config)."""
+    """The run queried with the site's own class names (prompt template from the config)."""
     from .metrics import classification_metrics
 
     own = site.load_manifest().label_names
@@ -139,16 +140,6 @@ def linear_probe(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> tuple[di
     return res, {"weight": torch.from_numpy(w), "bias": torch.from_numpy(b)}
 
 
-class _FineTuneModel(nn.Module):
-    def __init__(self, encoder: nn.Module, n_classes: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.dim, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x)[0])
-
-
 def fine_tune(pre: Pretrained, site: SiteConfig, fraction: float, cfg: DictConfig, *,
               head_init: dict | None = None) -> dict[str, Any]:
     """Fine-tune encoder + a new linear head on ``fraction`` of the site's training images; test mean AUC."""
@@ -157,35 +148,25 @@ def fine_tune(pre: Pretrained, site: SiteConfig, fraction: float, cfg: DictConfi
     f = cfg.fine_tune
     manifest = site.load_manifest()
     own = manifest.label_names
-    quarantine = Quarantine(site.quarantine_path, site=site.name)
-    train_ds = SiteDataset(manifest, site.root, transform=train_transforms(pre.image_size), split="train",
-                           uncertain_policy=site.uncertain_policy, quarantine=quarantine, seed=int(cfg.seed))
+    train_ds = site_dataset(site, {"size": pre.image_size}, split="train", train=True, seed=int(cfg.seed),
+                            manifest=manifest, use_labels=True)
     rng = np.random.default_rng(int(cfg.seed))
     n = max(int(f.min_images), math.ceil(fraction * len(train_ds)))
     idx = np.sort(rng.permutation(len(train_ds))[:min(n, len(train_ds))])
     torch.manual_seed(int(cfg.seed))
-    model = _FineTuneModel(copy.deepcopy(pre.encoder), len(own))
+    model = LinearClassifier(copy.deepcopy(pre.encoder), len(own))
     if head_init is not None:
         model.head.load_state_dict(head_init)
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": float(f.lr)},
                              {"params": model.head.parameters(), "lr": float(f.head_lr)}], weight_decay=0.01)
     dl = DataLoader(Subset(train_ds, idx.tolist()), batch_size=int(cfg.batch_size), shuffle=True,
                     collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(int(cfg.seed)))
-    steps = 0
-    model.train()
-    for _ in range(int(f.epochs)):
-        for batch in dl:
-            if batch is None:
-                continue
-            loss = masked_bce_with_logits(model(batch["image"]), batch["labels"], batch["label_mask"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if f.get("max_steps") and steps >= int(f.max_steps):
-                break
+    bce = lambda m, b: masked_bce_with_logits(m(b["image"]), b["labels"], b["label_mask"])  # noqa: E731
+    history = fit_supervised(model, dl, bce, opt, epochs=int(f.epochs), max_steps=f.get("max_steps"),
+                             desc=f"fine-tune {site.name}", progress=False)
+    steps = len(history)
     model.eval()
-    pred = predict_site(nn.Sequential(model, nn.Sigmoid()), site, own, split=cfg.split, image_size=pre.image_size,
+    pred = predict_site(Probabilities(model), site, own, split=cfg.split, image_size=pre.image_size,
                         batch_size=cfg.batch_size, limit=cfg.get("limit"), progress=False)
     cols = pred.annotated_classes()
     res = classification_metrics(pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols],
@@ -194,7 +175,7 @@ def fine_tune(pre: Pretrained, site: SiteConfig, fraction: float, cfg: DictConfi
 
 
 def attention_maps(pre: Pretrained, site: SiteConfig, out: Path, n: int, cfg: DictConfig) -> list[dict]:
-    """Query-network cross-attention over the image for positive test images (UniChest only)."""
+    """The run's attention over the image for positive test images (methods with ``Pretrained.attention``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +195,7 @@ def attention_maps(pre: Pretrained, site: SiteConfig, out: Path, n: int, cfg: Di
             continue
         x = item["image"][None]
         with torch.no_grad():
-            attn, prob = pre.classifier.attention(x)[0, j], float(pre.classifier(x)[0, j])
+            attn, prob = pre.attention(x)[0, j], float(pre.classifier(x)[0, j])
         g = int(round(math.sqrt(attn.numel())))
         heat = attn.reshape(g, g)[None, None]
         heat = torch.nn.functional.interpolate(heat, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
@@ -245,10 +226,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown site(s) {unknown}; registered: {sorted(registered)}")
     sites = {n: registered[n] for n in wanted}
-    results: dict[str, Any] = {"model": {"run": str(cfg.run), "method": pre.method, "encoder": pre.config["encoder"][
-        "name"], "image_size": pre.image_size, "classes": pre.class_names, "sites": pre.sites}, "sites": {}}
+    results: dict[str, Any] = {"model": {"run": str(cfg.run), "method": pre.method, "encoder": pre.encoder_name,
+                               "image_size": pre.image_size, "classes": pre.class_names, "sites": pre.sites},
+                               "sites": {}}
     steps = [(n, "classifier") for n in sites]
-    if cfg.zero_shot.enabled and pre.method == "unichest":
+    if cfg.zero_shot.enabled and pre.zero_shot is not None:
         steps += [(n, "zero_shot") for n in sites]
     probe_sites = _pick(cfg.linear_probe.sites, sites, pre)
     ft_sites = _pick(cfg.fine_tune.sites, sites, pre)
@@ -279,7 +261,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                 _, heads[name] = linear_probe(pre, site, cfg)
             results.setdefault("fine_tune", {}).setdefault(name, {})["probe_then_ft"] = fine_tune(
                 pre, site, 1.0, cfg, head_init=heads[name])
-    if cfg.attention.enabled and pre.method == "unichest":
+    if cfg.attention.enabled and pre.attention is not None:
         results["attention_maps"] = [a for n, s in sites.items()
                                      for a in attention_maps(pre, s, out, int(cfg.attention.n), cfg)]
     report = write_report(results, out, title=f"raycxr evaluation of {cfg.run}")

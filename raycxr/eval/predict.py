@@ -16,11 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..dataset import SiteDataset, collate_skip_none
-from ..labels import UnionLabelSpace, canonical_name
-from ..quarantine import Quarantine
+from ..dataset import SiteDataset, collate_skip_none, site_dataset
+from ..labels import UnionLabelSpace
 from ..sites.config import SiteConfig
-from ..transforms import eval_transforms
 
 
 @dataclass
@@ -47,14 +45,10 @@ def site_targets(site: SiteConfig, class_names: list[str], split: str | None, *,
     """The site's split (evaluation transform at ``image_size``) with its labels mapped onto
     ``class_names`` (by canonical name)."""
     manifest = site.load_manifest()
-    own = manifest.label_names
-    canon = [canonical_name(n) for n in class_names]
-    # a label space with the model's classes first, so union columns 0..C-1 are the model's order
-    space = UnionLabelSpace.build({"__model__": canon, site.name: own})
-    ds = SiteDataset(manifest, site.root, transform=eval_transforms(image_size), split=split, label_space=space,
-                     uncertain_policy="ignore", quarantine=Quarantine(site.quarantine_path, site=site.name))
-    c = len(class_names)
-    return ds, ds.targets[:, :c], ds.target_mask[:, :c]
+    space = UnionLabelSpace.onto(list(class_names), {site.name: manifest.label_names})
+    ds = site_dataset(site, {"size": int(image_size)}, split=split, train=False, label_space=space,
+                      manifest=manifest, uncertain_policy="ignore")
+    return ds, ds.targets, ds.target_mask
 
 
 @torch.no_grad()

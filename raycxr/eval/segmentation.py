@@ -23,6 +23,11 @@ Metrics, per test image (and per output channel) at ``image_size`` pixels:
 Outputs in ``cfg.out``: ``segmentation.json`` (settings, rows, per-site Dice, training losses),
 ``segmentation.md`` (the table) and ``segmentation.png`` (test images with the ground-truth and predicted
 contours of every init).
+
+The pieces live where MONAI keeps them: the network in :mod:`raycxr.models.segmentation`, the
+dataset in :mod:`raycxr.dataset`, the augmentation in :mod:`raycxr.transforms`, Dice + BCE in
+:mod:`raycxr.losses`, and the training loop is the one classification fine-tuning uses
+(:func:`raycxr.train.supervised.fit_supervised`). This module holds the metrics, the run and the report.
 """
 
 from __future__ import annotations
@@ -36,331 +41,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import timm
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.networks.blocks import UnetOutBlock
-from monai.networks.nets.flexible_unet import UNetDecoder
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..dataset import collate_skip_none
-from ..manifest import Manifest
-from ..readers import ImageReadError, read_image, resize
+from ..checkpoint import Checkpoint
+from ..dataset import SEGMENTATION_TASKS, SegmentationDataset, collate_skip_none
+from ..losses import DiceBCELoss
+from ..models.segmentation import SegmentationModel
 from ..sites.config import SiteConfig, discover_sites
+from ..train.supervised import fit_supervised
 from .report import jsonable
 
-# task → the manifest column that holds its mask (relative to the site folder)
-TASKS = {"lungs": "lung_mask_path", "pneumothorax": "mask_path"}
 INITS = ("pretrained", "random")
-DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
-MIN_LOADED_FRACTION = 0.9  # of the feature extractor's tensors that must come from the run
-
-
-# ------------------------------------------------------------------------------------------------ model
-
-
-def resolve_checkpoint(run: str | Path) -> Path:
-    """``run/checkpoint.pt`` for a run folder, the path itself for a file; a clear error if it does not exist."""
-    path = Path(run)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"pretraining run {run} not found: no checkpoint at {path} "
-                                "(set run= to a folder written by `raycxr pretrain`, or its checkpoint.pt)")
-    return path
-
-
-def _key_candidates(key: str) -> list[str]:
-    """Names a ``features_only`` tensor may have in the plain model: itself, without the ``model.`` prefix of
-    timm's FeatureGetterNet, and with one ``_`` of its first component back to ``.`` (timm flattens
-    ``layers.0`` into ``layers_0``, ``features.conv0`` into ``features_conv0``)."""
-    out = []
-    for k in dict.fromkeys([key, key.removeprefix("model.")]):
-        out.append(k)
-        head, dot, rest = k.partition(".")
-        out += [head[:i] + "." + head[i + 1:] + dot + rest for i, ch in enumerate(head) if ch == "_"]
-    return out
-
-
-class SegmentationModel(nn.Module):
-    """A raycxr encoder backbone as a multi-scale feature extractor under a MONAI UNet decoder.
-
-    Args:
-        name: timm backbone name (the pretraining run's ``encoder.name``). It must be hierarchical (each
-            feature map half the size of the previous one: ResNet, DenseNet, ConvNeXt, EfficientNet, Swin);
-            a plain ViT has one scale and is refused.
-        n_classes: output channels; each is an independent binary mask (sigmoid).
-        decoder_channels: decoder width per upsampling step, deepest first; the first ``len(features)``
-            are used, as MONAI's ``FlexibleUNet`` does.
-        freeze_encoder: train the decoder only; the encoder also keeps its BatchNorm statistics.
-        img_size: input size for backbones that fix it (ViT/Swin); ignored by CNNs.
-
-    Input ``(B, 1, H, W)`` in [0, 1] (as :func:`raycxr.readers.read_image` gives), normalised inside as
-    :class:`raycxr.models.encoders.ImageEncoder` does; output logits ``(B, n_classes, H, W)``.
-    """
-
-    def __init__(self, name: str = "resnet18", n_classes: int = 1, *,
-                 decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS, freeze_encoder: bool = False,
-                 img_size: int | None = None) -> None:
-        super().__init__()
-        kw = {"img_size": img_size} if img_size is not None and ("vit" in name or "swin" in name) else {}
-        try:
-            # pretrained=False: no hub downloads; the weights come from the run
-            self.encoder = timm.create_model(name, pretrained=False, features_only=True, in_chans=1, **kw)
-        except RuntimeError as e:
-            raise ValueError(f"backbone '{name}' has no timm features_only form: {e}") from None
-        strides = list(self.encoder.feature_info.reduction())
-        channels = list(self.encoder.feature_info.channels())
-        if len(strides) < 2 or any(b != 2 * a for a, b in zip(strides, strides[1:])):
-            raise ValueError(f"backbone '{name}' gives feature maps at strides {strides}; a UNet decoder needs "
-                             "each scale half the previous one (a CNN or Swin, not a plain ViT)")
-        if len(decoder_channels) < len(channels):
-            raise ValueError(f"decoder_channels {list(decoder_channels)} has fewer entries than the "
-                             f"{len(channels)} encoder scales of '{name}'")
-        fmt = getattr(self.encoder, "output_fmt", "NCHW")
-        self.nhwc = getattr(fmt, "value", fmt) == "NHWC"  # Swin gives channels last
-        self.name = name
-        self.n_classes = int(n_classes)
-        self.strides = strides
-        dec = [int(c) for c in decoder_channels[:len(channels)]]
-        # MONAI's FlexibleUNet decoder; its first encoder channel is a placeholder for the input (never a skip)
-        self.decoder = UNetDecoder(spatial_dims=2, encoder_channels=[1, *channels], decoder_channels=dec,
-                                   act=("relu", {"inplace": True}), norm=("batch", {"eps": 1e-3, "momentum": 0.1}),
-                                   dropout=0.0, bias=False, upsample="nontrainable", pre_conv="default",
-                                   interp_mode="nearest", align_corners=None, is_pad=True)
-        self.head = UnetOutBlock(spatial_dims=2, in_channels=dec[-1], out_channels=self.n_classes)
-        # grey image = mean of the RGB channels, so the grey statistics are the channel means (as ImageEncoder)
-        cfg = getattr(self.encoder, "pretrained_cfg", None) or {}
-        mean, std = (cfg.get(k, (0.5,)) for k in ("mean", "std"))
-        self.register_buffer("mean", torch.tensor(float(sum(mean) / len(mean))), persistent=False)
-        self.register_buffer("std", torch.tensor(float(sum(std) / len(std))), persistent=False)
-        self.freeze_encoder = bool(freeze_encoder)
-        self.encoder.requires_grad_(not self.freeze_encoder)
-        self.source = "random"
-        self.n_loaded = 0
-
-    @classmethod
-    def from_run(cls, run: str | Path, n_classes: int = 1, **kwargs: Any) -> SegmentationModel:
-        """Build the model on a pretraining run's encoder (a run folder or its ``checkpoint.pt``).
-
-        ``kwargs`` go to the constructor; ``img_size`` defaults to the run's ``image_size``."""
-        path = resolve_checkpoint(run)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or "encoder" not in state or "config" not in state:
-            raise ValueError(f"{path} is not a raycxr pretraining checkpoint (no 'encoder' / 'config')")
-        config = state["config"]
-        try:
-            name = config["encoder"]["name"]
-        except (KeyError, TypeError):
-            raise ValueError(f"{path}: its config has no encoder.name") from None
-        kwargs.setdefault("img_size", config.get("image_size"))
-        model = cls(name, n_classes, **kwargs)
-        model.load_encoder_state(state["encoder"], source=str(path))
-        model.source = str(path)
-        return model
-
-    @classmethod
-    def random_init(cls, name: str, n_classes: int = 1, **kwargs: Any) -> SegmentationModel:
-        """The baseline: the same backbone with timm's random initialisation."""
-        return cls(name, n_classes, **kwargs)
-
-    def load_encoder_state(self, state: Mapping[str, torch.Tensor], *, source: str = "<state>") -> int:
-        """Load an :class:`ImageEncoder` state dict (``backbone.*``; the token MLP is not used) or a plain timm
-        state dict into the feature extractor. Returns how many tensors were loaded; raises ``ValueError``
-        if fewer than 90 % of the feature extractor's tensors find a same-shaped source."""
-        src = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("token_mlp.")}
-        own = self.encoder.state_dict()
-        mapped, missing = {}, []
-        for key, t in own.items():
-            hit = next((c for c in _key_candidates(key) if c in src), None)
-            v = src[hit] if hit is not None else None
-            if v is not None and v.ndim == 4 and v.shape[1] == 3 and t.ndim == 4 and t.shape[1] == 1:
-                v = timm.models.adapt_input_conv(1, v)  # an RGB first convolution folded to grey, as timm does
-            if v is not None and v.shape == t.shape:
-                mapped[key] = v
-            else:
-                missing.append(key)
-        if len(mapped) < MIN_LOADED_FRACTION * len(own):
-            raise ValueError(f"{source}: only {len(mapped)} of {len(own)} encoder tensors fit the '{self.name}' "
-                             f"feature extractor (missing e.g. {missing[:5]}); is it a checkpoint of this backbone?")
-        self.encoder.load_state_dict(mapped, strict=False)
-        self.n_loaded = len(mapped)
-        return len(mapped)
-
-    def train(self, mode: bool = True) -> SegmentationModel:
-        super().train(mode)
-        if self.freeze_encoder:
-            self.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics too
-        return self
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder's feature maps ``(B, C_i, H / s_i, W / s_i)``, shallowest first."""
-        feats = self.encoder((x - self.mean) / self.std)
-        return [f.permute(0, 3, 1, 2).contiguous() for f in feats] if self.nhwc else list(feats)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x)
-        y = self.head(self.decoder(feats, len(feats) - 1))
-        if y.shape[-2:] != x.shape[-2:]:
-            # backbones whose first map is at stride 4 (Swin, ConvNeXt) end at half resolution
-            y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return y
-
-
-# ------------------------------------------------------------------------------------------------- data
-
-
-def _read_mask(path: Path | None, size: int) -> np.ndarray:
-    """A PNG mask (> 0 = foreground) resized nearest to ``(size, size)``; zeros for ``None``."""
-    if path is None:
-        return np.zeros((size, size), np.float32)
-    with Image.open(path) as im:
-        m = np.asarray(im.convert("L")) > 0
-    if m.shape != (size, size):
-        m = np.asarray(Image.fromarray(m.astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST)) > 0
-    return m.astype(np.float32)
-
-
-def _augment(size: int) -> Callable:
-    from monai.transforms import (
-        Compose,
-        EnsureTyped,
-        RandAdjustContrastd,
-        RandAffined,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-        ScaleIntensityRanged,
-    )
-
-    # geometry on image and mask together (nearest for the mask), intensity on the image only
-    return Compose([
-        RandAffined(["image", "mask"], prob=0.8, rotate_range=(float(np.deg2rad(10.0)),), scale_range=(0.1, 0.1),
-                    translate_range=(0.05 * size, 0.05 * size), mode=("bilinear", "nearest"), padding_mode="zeros"),
-        RandAdjustContrastd("image", prob=0.5, gamma=(0.7, 1.5)),
-        RandScaleIntensityd("image", factors=0.1, prob=0.5),
-        RandShiftIntensityd("image", offsets=0.05, prob=0.5),
-        ScaleIntensityRanged("image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
-        EnsureTyped(["image", "mask"], dtype=torch.float32, track_meta=False),
-    ])
-
-
-class SegmentationDataset(Dataset):
-    """Images paired with their masks. Each item is a dict:
-
-    - ``image``: ``(1, size, size)`` float32 in [0, 1] (the raycxr bilinear resize)
-    - ``mask``: ``(1, size, size)`` float32 in {0, 1} (nearest resize; zeros where the row has no mask)
-    - ``site``, ``image_id``
-
-    An unreadable image gives ``None`` (dropped from its batch by :func:`raycxr.dataset.collate_skip_none`).
-
-    Args:
-        records: dicts with ``image`` (path), ``mask`` (path or None), ``site`` and ``image_id``.
-        size: output side in pixels.
-        train: apply the light augmentation (affine on image and mask together, intensity jitter).
-        seed: seed of the augmentation.
-    """
-
-    def __init__(self, records: Sequence[Mapping[str, Any]], *, size: int, train: bool = False, seed: int = 0) -> None:
-        self.records = [dict(r) for r in records]
-        self.size = int(size)
-        self.train = bool(train)
-        self.transform = _augment(self.size) if self.train else None
-        self.set_random_state(seed)
-
-    @classmethod
-    def from_manifest(cls, manifest: Manifest | pd.DataFrame, root: str | Path, task: str, *, split: str | None,
-                      size: int, train: bool = False, limit: int | None = None, seed: int = 0,
-                      frontal_only: bool = True, site: str | None = None) -> SegmentationDataset:
-        """The rows of ``split`` (all rows if None) of a manifest whose files lie under ``root``.
-
-        ``lungs`` keeps the rows that have a lung mask; ``pneumothorax`` keeps every row (no mask = empty).
-        ``limit`` picks that many rows at random (seeded). Raises ``ValueError`` when the manifest has no
-        masks at all for the task."""
-        if task not in TASKS:
-            raise ValueError(f"unknown segmentation task '{task}'; expected one of {sorted(TASKS)}")
-        df = manifest.to_pandas() if isinstance(manifest, Manifest) else manifest
-        name = site or (str(df["site"].iloc[0]) if "site" in df.columns and len(df) else str(root))
-        col = TASKS[task]
-        if col not in df.columns or not df[col].notna().any():
-            what = "lung masks" if task == "lungs" else "pneumothorax masks"
-            raise ValueError(f"site '{name}' has no {what}: its manifest's '{col}' column is "
-                             f"{'missing' if col not in df.columns else 'empty'}; the {task} task needs it")
-        if split is not None:
-            df = df[df["split"] == split]
-        if frontal_only and "view" in df.columns:
-            df = df[~df["view"].astype(str).str.upper().isin(["LAT", "LATERAL", "LL", "RL"])]
-        if task == "lungs":
-            df = df[df[col].notna()]
-        if limit is not None and len(df) > int(limit):
-            df = df.sample(n=int(limit), random_state=seed).sort_index()
-        root = Path(root)
-        records = [{"image": root / r["path"], "mask": root / r[col] if isinstance(r[col], str) else None,
-                    "site": name, "image_id": str(r.get("image_id", r["path"]))} for r in df.to_dict("records")]
-        return cls(records, size=size, train=train, seed=seed)
-
-    @classmethod
-    def from_site(cls, site: SiteConfig, task: str, **kwargs: Any) -> SegmentationDataset:
-        """:meth:`from_manifest` on a registered site's manifest."""
-        return cls.from_manifest(site.load_manifest(), site.root, task, site=site.name, **kwargs)
-
-    @classmethod
-    def concat(cls, parts: Sequence[SegmentationDataset], *, seed: int = 0) -> SegmentationDataset:
-        """Several sites' datasets as one (same size and mode)."""
-        if not parts:
-            raise ValueError("no datasets to concatenate")
-        return cls([r for p in parts for r in p.records], size=parts[0].size, train=parts[0].train, seed=seed)
-
-    def set_random_state(self, seed: int) -> None:
-        """Reset the augmentation's random state (identical augmentations for every init)."""
-        if self.transform is not None:
-            self.transform.set_random_state(seed=int(seed))
-
-    @property
-    def has_mask(self) -> np.ndarray:
-        """Whether each row has a mask file (rows without one have an empty mask)."""
-        return np.array([r["mask"] is not None for r in self.records], dtype=bool)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        r = self.records[i]
-        try:
-            image = read_image(r["image"])
-        except ImageReadError:
-            return None
-        item = {"image": resize(image, self.size)[None], "mask": _read_mask(r["mask"], self.size)[None]}
-        if self.transform is not None:
-            item = self.transform(item)
-        return {"image": torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32),
-                "mask": (torch.as_tensor(np.asarray(item["mask"])) > 0.5).float(),
-                "site": r["site"], "image_id": r["image_id"]}
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-
-class DiceBCELoss(nn.Module):
-    """MONAI soft Dice (sigmoid, over the whole batch) plus binary cross-entropy, per output channel.
-
-    The Dice term is computed over the batch (``batch=True``) so that images with an empty mask (SIIM
-    negatives) do not give a 0/0 Dice each. For one channel this is MONAI ``DiceCELoss(sigmoid=True)``."""
-
-    def __init__(self, lambda_dice: float = 1.0, lambda_bce: float = 1.0) -> None:
-        super().__init__()
-        self.dice = DiceLoss(sigmoid=True, batch=True)
-        self.bce = nn.BCEWithLogitsLoss()
-        self.lambda_dice, self.lambda_bce = float(lambda_dice), float(lambda_bce)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.lambda_dice * self.dice(logits, target) + self.lambda_bce * self.bce(logits, target)
 
 
 def _device_of(model: Any) -> torch.device:
@@ -374,11 +70,11 @@ def train_segmentation(model: SegmentationModel, dataset: Dataset, *, epochs: in
                        lr: float = 1e-3, encoder_lr: float | None = None, weight_decay: float = 1e-4,
                        max_steps_per_epoch: int | None = None, seed: int = 0, num_workers: int = 0,
                        desc: str = "segment") -> list[dict[str, float]]:
-    """Train with Dice + BCE (:class:`DiceBCELoss`) and AdamW for a fixed number of epochs (and steps).
+    """Train with Dice + BCE (:class:`~raycxr.losses.DiceBCELoss`) and AdamW for a fixed number of epochs
+    (and steps), through the shared fine-tuning loop (:func:`raycxr.train.supervised.fit_supervised`).
 
     The model stays on its device; batches follow it. The shuffling is seeded by ``seed``.
     Returns one record per step: ``{"epoch", "step", "loss"}``."""
-    device = _device_of(model)
     g = torch.Generator().manual_seed(int(seed))
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=True, generator=g, num_workers=int(num_workers),
                         drop_last=len(dataset) > int(batch_size), collate_fn=collate_skip_none)
@@ -386,27 +82,9 @@ def train_segmentation(model: SegmentationModel, dataset: Dataset, *, epochs: in
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
     groups = [{"params": rest, "lr": lr}] + ([{"params": enc, "lr": encoder_lr or lr}] if enc else [])
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    loss_fn = DiceBCELoss()
-    per_epoch = len(loader) if max_steps_per_epoch is None else min(len(loader), int(max_steps_per_epoch))
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=int(epochs) * per_epoch, desc=desc, unit="step", dynamic_ncols=True, leave=False)
-    for epoch in range(int(epochs)):
-        model.train()
-        for step, batch in enumerate(loader):
-            if step >= per_epoch:
-                break
-            if batch is None:
-                continue
-            x, y = batch["image"].to(device), batch["mask"].to(device)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history.append({"epoch": epoch, "step": len(history), "loss": float(loss.detach())})
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]['loss']:.4f}")
-    bar.close()
-    return history
+    loss = DiceBCELoss()
+    return fit_supervised(model, loader, lambda m, b: loss(m(b["image"]), b["mask"]), optimizer, epochs=int(epochs),
+                          max_steps_per_epoch=max_steps_per_epoch, desc=desc)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -560,22 +238,18 @@ def _build(init: str, cfg: DictConfig, checkpoint: Path, name: str) -> Segmentat
 def run_segmentation(cfg: DictConfig) -> dict[str, Any]:
     """Train and test a segmentation model per task and init; write ``segmentation.json``, ``segmentation.md``
     and ``segmentation.png`` in ``cfg.out`` and return the results (``rows``: one per task x init)."""
-    checkpoint = resolve_checkpoint(cfg.run)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    try:
-        encoder_name = state["config"]["encoder"]["name"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{checkpoint} is not a raycxr pretraining checkpoint (no config.encoder.name)") from None
-    del state
+    ckpt = Checkpoint.load(cfg.run)
+    checkpoint, encoder_name = Path(ckpt.source), ckpt.encoder_name
+    del ckpt
     tasks = OmegaConf.to_container(cfg.tasks, resolve=True) if cfg.get("tasks") else {}
     if not isinstance(tasks, dict):
-        raise ValueError(f"tasks must map a task ({', '.join(TASKS)}) to a list of sites, got {tasks!r}")
+        raise ValueError(f"tasks must map a task ({', '.join(SEGMENTATION_TASKS)}) to a list of sites, got {tasks!r}")
     tasks = {t: list(s) for t, s in tasks.items() if s}  # `tasks.pneumothorax=null` drops a task
     if not tasks:
         raise ValueError("no segmentation task left: tasks maps every task to null or []")
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in SEGMENTATION_TASKS]
     if unknown:
-        raise ValueError(f"unknown segmentation task(s) {unknown}; expected some of {sorted(TASKS)}")
+        raise ValueError(f"unknown segmentation task(s) {unknown}; expected some of {sorted(SEGMENTATION_TASKS)}")
     inits = list(cfg.inits)
     if not inits or any(i not in INITS for i in inits):
         raise ValueError(f"inits must be a non-empty subset of {list(INITS)}, got {inits}")

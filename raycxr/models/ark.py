@@ -48,11 +48,11 @@ class ArkModel(nn.Module):
         """Projector output (B, P) of the pooled embedding."""
         return self.projector(self.encoder(x)[0])
 
-    def add_head(self, site: str, n_classes: int) -> nn.Linear:
-        """A fresh linear head for a site joining the run."""
+    def add_head(self, site: str, n_classes: int, *, kind: str = "linear", hidden: int | None = None) -> nn.Module:
+        """A fresh head for a site joining the run (its YAML ``head:`` sets ``kind`` and ``hidden``)."""
         if site in self.heads:
             raise ValueError(f"site '{site}' already has a head")
-        self.heads[site] = nn.Linear(self.proj_dim, n_classes)
+        self.heads[site] = make_head(self.proj_dim, n_classes, kind=kind, hidden=hidden)
         return self.heads[site]
 
     def forward(self, x: torch.Tensor, site: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +64,27 @@ class ArkModel(nn.Module):
     def head_state(self, site: str) -> dict[str, torch.Tensor]:
         """One site's head weights (what a site actor keeps)."""
         return {k: v.detach().clone() for k, v in self.heads[site].state_dict().items()}
+
+
+HEAD_KINDS = ("linear", "mlp")
+
+
+def make_head(dim: int, n_classes: int, *, kind: str = "linear", hidden: int | None = None) -> nn.Module:
+    """A site's task head on the projection: ``linear`` (Ark's) or ``mlp`` (Linear → ReLU → Linear,
+    ``hidden`` units, default the projection width)."""
+    if kind == "linear":
+        if hidden is not None:
+            raise ValueError("a linear head has no hidden layer; use head: {kind: mlp, hidden: N}")
+        return nn.Linear(dim, n_classes)
+    if kind == "mlp":
+        h = int(hidden or dim)
+        return nn.Sequential(nn.Linear(dim, h), nn.ReLU(inplace=True), nn.Linear(h, n_classes))
+    raise ValueError(f"unknown head kind '{kind}'; expected one of {HEAD_KINDS}")
+
+
+def same_shapes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two state dicts have the same keys and tensor shapes (a kept head still fits)."""
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
 
 def make_teacher(student: ArkModel, *, seed: int = 1) -> ArkModel:

@@ -11,13 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..dataset import SiteDataset, collate_skip_none
+from ..dataset import SiteDataset, collate_skip_none, site_dataset
 from ..labels import UnionLabelSpace
 from ..quarantine import Quarantine
-from ..transforms import eval_transforms, transforms_from_config
 from .config import SiteConfig
 
 NAMESPACE = "raycxr"
@@ -27,11 +25,20 @@ _HANDLES: dict[str, Any] = {}
 
 
 class SiteActorImpl:
-    """The actor's logic, plain Python so it is testable without Ray (``SiteActor`` wraps it)."""
+    """The actor's logic, plain Python so it is testable without Ray (``SiteActor`` wraps it).
 
-    def __init__(self, site: dict[str, Any], data_root: str, transforms: dict[str, Any], site_index: int,
-                 seed: int = 0, head_dir: str | None = None) -> None:
-        self.site = SiteConfig.from_dict(site, data_root=data_root)
+    Args:
+        site: the site's own config (absolute paths, :meth:`SiteConfig.resolved`), passed as is so
+            every key (a custom ``quarantine:`` path included) holds inside the actor.
+        transforms: the run's ``transforms`` config node.
+        site_index: the site's number in the run (UniChest's source id).
+        seed: seeds the uncertain-label policy.
+        head_dir: where the site keeps its head (default: ``heads/`` next to its manifest).
+    """
+
+    def __init__(self, site: SiteConfig, transforms: dict[str, Any], site_index: int, seed: int = 0,
+                 head_dir: str | None = None) -> None:
+        self.site = site
         self.manifest = self.site.load_manifest()
         self.transforms, self.site_index, self.seed = transforms, site_index, seed
         self.quarantine = Quarantine(self.site.quarantine_path, site=self.site.name)
@@ -46,20 +53,12 @@ class SiteActorImpl:
                  split: str) -> SiteDataset:
         key = (mode, union_names, train, second_view, split)
         if key not in self.datasets:
-            union = None
-            if union_names is not None:
-                # the coordinator's union keeps its class order; this site's columns map into it
-                union = UnionLabelSpace.build({self.site.name: self.manifest.label_names})
-                union = _reindex(union, list(union_names), self.site.name)
-            tf = transforms_from_config(self.transforms, train=train)
-            view2 = None
-            if second_view:
-                view2 = eval_transforms(int(self.transforms.get("size", 224))) \
-                    if self.site.objective == "supervised" else tf
-            self.datasets[key] = SiteDataset(self.manifest, self.site.root, transform=tf, split=split,
-                                             label_space=union, uncertain_policy=self.site.uncertain_policy,
-                                             site_index=self.site_index, quarantine=self.quarantine, seed=self.seed,
-                                             second_view=view2)
+            # the coordinator's union keeps its class order; this site's columns map into it
+            union = None if union_names is None else UnionLabelSpace.onto(
+                list(union_names), {self.site.name: self.manifest.label_names}, strict=True)
+            self.datasets[key] = site_dataset(self.site, self.transforms, split=split, train=train, label_space=union,
+                                              second_view=second_view, site_index=self.site_index, seed=self.seed,
+                                              manifest=self.manifest, quarantine=self.quarantine)
         return self.datasets[key]
 
     def num_items(self, union_names: tuple[str, ...] | None = None, split: str = "train") -> int:
@@ -89,15 +88,6 @@ class SiteActorImpl:
         return self.site.name
 
 
-def _reindex(union: UnionLabelSpace, names: list[str], site: str) -> UnionLabelSpace:
-    index = {n: i for i, n in enumerate(names)}
-    missing = [n for n in union.names if n not in index]
-    if missing:
-        raise ValueError(f"site '{site}': classes {missing} are not in the run's union label space")
-    site_ix = np.array([index[union.names[j]] for j in union.site_index[site]], dtype=np.int64)
-    return UnionLabelSpace(list(names), dict(union.site_names), {site: site_ix})
-
-
 def site_actor_class():
     """``ray.remote(SiteActorImpl)``, built lazily so importing raycxr does not import Ray."""
     import ray
@@ -105,8 +95,8 @@ def site_actor_class():
     return ray.remote(SiteActorImpl)
 
 
-def start_site_actor(site: SiteConfig, *, data_root: str, transforms: dict[str, Any], site_index: int, seed: int,
-                     run_name: str, max_restarts: int = 3):
+def start_site_actor(site: SiteConfig, *, transforms: dict[str, Any], site_index: int, seed: int, run_name: str,
+                     max_restarts: int = 3):
     """A named site actor (``raycxr/<run>/<site>``), restarted by Ray if it dies, placed by the site's
     ``placement`` (``label_selector`` or ``resources``)."""
     opts: dict[str, Any] = {"name": f"{run_name}/{site.name}", "namespace": NAMESPACE, "get_if_exists": True,
@@ -116,10 +106,7 @@ def start_site_actor(site: SiteConfig, *, data_root: str, transforms: dict[str, 
         opts["label_selector"] = dict(placement["label_selector"])
     if placement.get("resources"):
         opts["resources"] = dict(placement["resources"])
-    d = site.to_dict()
     # absolute paths: the actor may run in another working directory, or on another node
-    d["root"], d["manifest"] = str(site.root.resolve()), str(site.manifest_path.resolve())
-    d.pop("description", None)
-    handle = site_actor_class().options(**opts).remote(d, data_root, transforms, site_index, seed)
+    handle = site_actor_class().options(**opts).remote(site.resolved(), transforms, site_index, seed)
     _HANDLES.setdefault(opts["name"], handle)
     return handle

@@ -9,8 +9,7 @@ Example (``sites/nih.yaml``)::
     manifest: manifest.parquet   # relative to root; where `sites build` writes and readers read
     adapter_options: {}          # passed to the adapter (table paths, column names, ...)
     labels: {uncertain_policy: ignore}
-    head: {kind: linear}         # Ark task head over the site's own label space
-    expert: {layers: 4}          # UniChest query expert
+    head: {kind: linear}         # the site's task head (Ark, concurrent): linear, or {kind: mlp, hidden: 256}
     objective: supervised        # or clip, simclr, mocov2, vicreg, slip for unlabelled sites
     placement: {}                # e.g. {label_selector: {site: nih}} or {resources: {site_nih: 0.001}}
 
@@ -28,9 +27,10 @@ import yaml
 from ..labels import UNCERTAIN_POLICIES
 from ..manifest import Manifest
 
-OBJECTIVES = ("supervised", "clip", "simclr", "mocov2", "vicreg", "slip")
 _KEYS = {"name", "adapter", "root", "manifest", "description", "adapter_options", "labels", "head",
-         "expert", "objective", "placement", "quarantine"}
+         "objective", "placement", "quarantine"}
+_HEAD_KEYS = {"kind", "hidden"}
+HEAD_KINDS = ("linear", "mlp")
 
 
 class SiteConfigError(ValueError):
@@ -50,7 +50,6 @@ class SiteConfig:
     adapter_options: dict[str, Any] = field(default_factory=dict)
     uncertain_policy: str = "ignore"
     head: dict[str, Any] = field(default_factory=dict)
-    expert: dict[str, Any] = field(default_factory=dict)
     objective: str = "supervised"
     placement: dict[str, Any] = field(default_factory=dict)
     quarantine_path: Path | None = None
@@ -62,6 +61,9 @@ class SiteConfig:
 
         if not isinstance(d, dict):
             raise fail("must be a mapping of keys to values")
+        if "expert" in d:
+            raise fail("'expert' is not a site setting: UniChest's experts are not tied to a site (the gate mixes "
+                       "them per image); set unichest.n_experts and unichest.query in the pretraining config")
         unknown = set(d) - _KEYS
         if unknown:
             raise fail(f"unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
@@ -80,11 +82,21 @@ class SiteConfig:
         if policy not in UNCERTAIN_POLICIES:
             raise fail(f"labels.uncertain_policy '{policy}' not in {UNCERTAIN_POLICIES}")
         objective = d.get("objective", "supervised")
-        if objective not in OBJECTIVES:
-            raise fail(f"objective '{objective}' not in {OBJECTIVES}")
-        for key in ("adapter_options", "head", "expert", "placement"):
+        from ..objectives import list_objectives
+
+        if objective not in list_objectives():
+            raise fail(f"objective '{objective}' not in {list_objectives()}")
+        for key in ("adapter_options", "head", "placement"):
             if not isinstance(d.get(key) or {}, dict):
                 raise fail(f"'{key}' must be a mapping")
+        head = dict(d.get("head") or {})
+        if set(head) - _HEAD_KEYS:
+            raise fail(f"head: unknown keys {sorted(set(head) - _HEAD_KEYS)}; allowed: {sorted(_HEAD_KEYS)}")
+        if head.get("kind", "linear") not in HEAD_KINDS:
+            raise fail(f"head.kind '{head.get('kind')}' not in {HEAD_KINDS}")
+        hidden = head.get("hidden")
+        if "hidden" in head and (head.get("kind") != "mlp" or not isinstance(hidden, int) or hidden < 1):
+            raise fail("head.hidden must be a positive integer, and only for head: {kind: mlp}")
         root = Path(d["root"]).expanduser()
         if not root.is_absolute():
             root = Path(data_root) / root
@@ -94,7 +106,7 @@ class SiteConfig:
         return cls(name=name, adapter=d["adapter"], root=root, manifest_path=manifest,
                    yaml_path=Path(source) if source != "<dict>" else None,
                    description=d.get("description", ""), adapter_options=dict(d.get("adapter_options") or {}),
-                   uncertain_policy=policy, head=dict(d.get("head") or {}), expert=dict(d.get("expert") or {}),
+                   uncertain_policy=policy, head=head,
                    objective=objective, placement=dict(d.get("placement") or {}), quarantine_path=quarantine)
 
     @classmethod
@@ -112,8 +124,15 @@ class SiteConfig:
         return {"name": self.name, "adapter": self.adapter, "root": str(self.root),
                 "manifest": str(self.manifest_path), "description": self.description,
                 "adapter_options": self.adapter_options, "labels": {"uncertain_policy": self.uncertain_policy},
-                "head": self.head, "expert": self.expert, "objective": self.objective,
-                "placement": self.placement}
+                "head": self.head, "objective": self.objective, "placement": self.placement,
+                **({"quarantine": str(self.quarantine_path)} if self.quarantine_path else {})}
+
+    def resolved(self) -> SiteConfig:
+        """The same site with absolute paths: a site actor may run in another working directory or node."""
+        from dataclasses import replace
+
+        return replace(self, root=self.root.resolve(), manifest_path=self.manifest_path.resolve(),
+                       quarantine_path=self.quarantine_path.resolve() if self.quarantine_path else None)
 
     def has_manifest(self) -> bool:
         return self.manifest_path.is_file()

@@ -15,7 +15,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,9 +26,9 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from ..config import cache_dir
 from ..labels import canonical_name
 from ..manifest import Manifest, assign_splits
+from ..sites.tables import source_table
 from ..stats import site_statistics
 from .acquisition import DEFAULT_PROFILE, PROFILES, SiteProfile, acquire, to_stored, write_dicom
 from .anatomy import load_lung_atlas, render_frontal, render_lateral
@@ -66,27 +65,6 @@ class SiteSpec:
 
 
 # -- real tables ------------------------------------------------------------------------------
-def source_table(source: str) -> Manifest:
-    """All rows of a public data set's real table as a manifest (no images), cached on disk.
-
-    Built once through the site adapter with ``require_files=False``: the first call parses the
-    table torchxrayvision ships (a few seconds to a minute for PadChest); later calls read Parquet.
-    """
-    from ..sites.adapters import get_adapter
-
-    cache = cache_dir() / "tables" / f"{source}.parquet"
-    if cache.exists():
-        try:
-            return Manifest.read(cache)
-        except Exception:  # noqa: BLE001 - a stale or broken cache is rebuilt
-            cache.unlink()
-    with tempfile.TemporaryDirectory() as root:
-        opts = {"write_masks": False} if source == "siim" else {}  # masks are decoded per sampled image
-        result = get_adapter(source).build(root, source, require_files=False, **opts)
-    result.manifest.write(cache)
-    return result.manifest
-
-
 def siim_masks(image_ids: Sequence[str], size: int) -> dict[str, np.ndarray]:
     """Real SIIM pneumothorax masks (decoded from the shipped RLE table) for the given images."""
     from ..sites.adapters import decode_siim_rle, xrv_table

@@ -3,9 +3,10 @@
 - Every site runs as a named :class:`~raycxr.sites.actor.SiteActorImpl` actor that keeps its pixels,
   transforms and head; the trainer pulls transformed batches by index, several requests ahead.
 - A Ray Train ``TorchTrainer`` (Train V2) runs :func:`train_loop_per_worker` on N workers (gloo on
-  CPU). The loop calls :func:`raycxr.train.local.train_method`, the same schedule code as the local
-  runner, with an actor-backed data plane and a checkpoint sink that reports through
+  CPU). The loop calls :func:`raycxr.train.driver.train_method`, the same driver and method the local
+  runner runs, with an actor-backed data plane and a checkpoint sink that reports through
   ``ray.train.report``. Gradients are averaged across workers before each optimiser step.
+- Launching (cluster, site actors, trainer) is :mod:`raycxr.train.ray_launch`, shared with Tune.
 - Resume: run again with the same ``ray.run_name`` / ``ray.storage_path``; Ray hands the latest
   checkpoint back (``ray.train.get_checkpoint``). ``FailureConfig(max_failures)`` restarts a failed
   worker group from it, and site actors are restarted by Ray (``max_restarts``).
@@ -24,9 +25,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..checkpoint import FILENAME, Checkpoint
 from ..labels import UnionLabelSpace
-from ..sites.actor import start_site_actor
-from .local import Run, check_method, load_checkpoint, select_sites, train_method
+from ..methods import get_method, import_plugins
+from .driver import Run, train_method
+from .local import select_sites, val_enabled
+from .ray_launch import absolute_paths, build_trainer, init_ray, start_site_actors
 
 
 def merge_batches(parts: list[dict]) -> dict | None:
@@ -54,6 +58,10 @@ class ActorStream:
         self.seed, self.rank, self.world, self.prefetch = seed, rank, world, max(1, prefetch)
         self.drop_last, self.batch_kw = drop_last, batch_kw
         self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next pass's order is a function of (seed, epoch), as for the local loaders."""
+        self.epoch = int(epoch)
 
     def _chunks(self) -> list[list[tuple[int, int]]]:
         pairs = np.array([(a, i) for a, n in enumerate(self.sizes) for i in range(n)], dtype=np.int64)
@@ -149,7 +157,7 @@ class ActorData:
         """The val split, un-augmented, from the site actors; every worker scores all of it."""
         import ray
 
-        if not (self.cfg.get("val") and self.cfg.val.get("enabled", True)):
+        if not val_enabled(self.cfg):
             return None
         names = list(self.actors)
         split = self.cfg.val.get("split", "val")
@@ -208,17 +216,17 @@ class RayRun(Run):
         if self.rank == 0:
             super().log(record)
 
-    def save(self, state: dict, name: str = "checkpoint.pt") -> Path:
+    def save(self, checkpoint: Checkpoint, name: str = FILENAME) -> Path:
         import ray.train
 
-        path = super().save(state, name) if self.rank == 0 else self.out / name
-        if name != "checkpoint.pt":  # stage snapshots (conquer.pt) stay in the run folder only
+        path = super().save(checkpoint, name) if self.rank == 0 else self.out / name
+        if name != FILENAME:  # stage snapshots (conquer.pt) stay in the run folder only
             return path
         metrics = {k: v for k, v in self.last.items() if isinstance(v, (int, float, str))}
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if self.rank == 0:
-                torch.save(state, Path(d) / "checkpoint.pt")
+                checkpoint.save(Path(d) / FILENAME)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
         return path
@@ -241,46 +249,27 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = load_checkpoint(Path(d) / "checkpoint.pt")
+            resume = Checkpoint.load(Path(d) / FILENAME)
     elif cfg.get("resume"):
-        resume = load_checkpoint(cfg.resume)
-    train_method(cfg, sites, RayRun(cfg.out, rank), resume, ActorData(cfg, config["actors"], rank, world))
+        resume = Checkpoint.load(cfg.resume)
+    train_method(cfg, sites, RayRun(cfg.out, rank), resume, ActorData(cfg, config["actors"], rank, world),
+                 config.get("method_cls"))
 
 
-def run_pretrain_ray(cfg: DictConfig) -> dict[str, Any]:
+def run_pretrain_ray(cfg: DictConfig, method_cls: type | None = None) -> dict[str, Any]:
     """Start (or join) a Ray cluster, start the site actors, fit the TorchTrainer."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    check_method(cfg)
+    import_plugins(cfg.get("plugins"))
+    method_cls = method_cls or get_method(cfg.method)
     r = cfg.ray
-    if not ray.is_initialized():
-        ray.init(address=r.address, num_cpus=r.num_cpus, include_dashboard=False, log_to_driver=r.log_to_driver,
-                 object_store_memory=int(r.object_store_mb) * 2**20 if r.object_store_mb else None)
+    init_ray(cfg)
     sites = select_sites(cfg)
-    cfg.out = str(Path(cfg.out).resolve())
-    cfg.sites.data_root = str(Path(cfg.sites.data_root).resolve())
-    cfg.sites.sites_dir = str(Path(cfg.sites.sites_dir).resolve())
-    transforms = OmegaConf.to_container(cfg.transforms, resolve=True)
-    actors = {n: start_site_actor(s, data_root=cfg.sites.data_root, transforms=transforms, site_index=i,
-                                  seed=int(cfg.seed), run_name=r.run_name, max_restarts=r.actor_max_restarts)
-              for i, (n, s) in enumerate(sites.items())}
-    ray.get([a.ping.remote() for a in actors.values()])
-    storage = str(Path(r.storage_path).resolve())
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "actors": actors},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker}),
-        run_config=RunConfig(name=r.run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep)),
-    )
+    absolute_paths(cfg)
+    actors = start_site_actors(cfg, sites, r.run_name)
+    trainer = build_trainer(cfg, actors, train_loop_per_worker, name=r.run_name, storage=Path(r.storage_path).resolve(),
+                            method_cls=method_cls)
     result = trainer.fit()
-    history = [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")] \
-        if (Path(cfg.out) / "metrics.jsonl").exists() else []
-    return {"history": [h for h in history if h.get("position", 0) >= 0], "checkpoint": str(Path(cfg.out) /
-            "checkpoint.pt"), "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
+    metrics = Path(cfg.out) / "metrics.jsonl"
+    history = [json.loads(line) for line in open(metrics)] if metrics.exists() else []
+    return {"history": [h for h in history if h.get("position", 0) >= 0], "checkpoint": str(Path(cfg.out) / FILENAME),
+            "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
             "metrics": result.metrics, "sites": list(sites), "actors": actors}
-

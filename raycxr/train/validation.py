@@ -1,37 +1,18 @@
-"""Validation during pretraining: mean AUC on the val split of the training sites after every epoch.
+"""Validation during pretraining: mean AUC on the val split of the training sites after every unit.
 
 The number drives the choice of the conquer checkpoint that divide starts from (UniChest) and the
-Ray Tune sweep's early stopping. The classifier scored here is the one :mod:`raycxr.models.pretrained`
-builds from a saved run, so the val AUC of an epoch is the AUC its checkpoint will have.
+Ray Tune sweep's early stopping. The classifier scored is the method's own
+(:meth:`~raycxr.methods.base.Method.current_classifier`), the module a saved run becomes through
+:func:`raycxr.methods.load_pretrained`, so the val AUC of a unit is the AUC its checkpoint will have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
-
-from ..labels import UnionLabelSpace
-from ..models.ark import ArkModel
-from ..models.pretrained import HeadsClassifier, UniChestClassifier
-from ..models.unichest import UniChest
-
-
-def epoch_classifier(model: nn.Module, *, text: nn.Module | None = None, class_names: list[str] | None = None,
-                     label_names: dict[str, list[str]] | None = None) -> tuple[Callable, list[str]]:
-    """The model being trained as images → probabilities, and the class names of its output."""
-    if isinstance(model, UniChest):
-        with torch.no_grad():
-            emb = text(list(class_names))
-        return UniChestClassifier(model, emb, model.stage), list(class_names)
-    if isinstance(model, ArkModel):
-        labels = {s: list(label_names[s]) for s in model.heads if s in label_names}
-        union = UnionLabelSpace.build(labels)
-        device = next(model.parameters()).device
-        return HeadsClassifier(model, labels, union).to(device), union.names
-    return nn.Sequential(model, nn.Sigmoid()), list(class_names)  # union-head baselines return logits
 
 
 @torch.no_grad()
@@ -43,7 +24,7 @@ def validate(classifier: nn.Module, class_names: list[str], batches: Iterable, u
     from ..eval.metrics import classification_metrics
 
     device = next(classifier.parameters()).device
-    classifier.eval()  # the loops put the model back in train mode at the start of every epoch
+    classifier.eval()  # the loops put the model back in train mode at the start of every unit
     col = {n: i for i, n in enumerate(union_names)}
     take = np.array([col.get(n, -1) for n in class_names])
     probs, targets, mask = [], [], []

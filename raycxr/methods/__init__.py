@@ -1,0 +1,16 @@
+"""Pretraining methods: one module per method, registered by name (``raycxr pretrain method=<name>``).
+
+- :mod:`.unichest`: UniChest, conquer then divide;
+- :mod:`.ark`: Ark, cyclic rounds over the sites with an EMA teacher;
+- :mod:`.baselines`: ``concurrent``, ``mixed`` and ``single``.
+
+A new method is one module with a :class:`~raycxr.methods.base.Method` subclass decorated with
+:func:`register_method`, plus its section in ``configs/pretrain.yaml`` (see CONTRIBUTING.md).
+"""
+
+from . import ark, baselines, unichest  # noqa: F401  (registers the built-in methods)
+from .base import Method, Pretrained, Unit
+from .registry import get_method, import_plugins, list_methods, load_pretrained, register_method
+
+__all__ = ["Method", "Pretrained", "Unit", "get_method", "import_plugins", "list_methods", "load_pretrained",
+           "register_method"]

@@ -1,0 +1,268 @@
+"""What a pretraining method is, for the schedule driver, evaluation and export.
+
+A method is one class, registered by name (:func:`raycxr.methods.register_method`), that owns:
+
+- building its model(s) from the config and restoring them from a :class:`~raycxr.checkpoint.Checkpoint`
+  (:meth:`Method.setup`);
+- its schedule as a list of :class:`Unit` (UniChest: conquer then divide epochs; Ark: one site-epoch
+  per site per round; baselines: epochs), each trained by :meth:`Method.run_unit`;
+- the fields it adds to a checkpoint (:meth:`Method.modules`, :meth:`Method.optimizer_state`,
+  :meth:`Method.meta`) and what it does between units (:meth:`Method.end_unit`);
+- the classifier it is now (:meth:`Method.current_classifier`, scored for ``val_auc``) and what a
+  finished run becomes (:meth:`Method.pretrained`): the classifier evaluation, export and the
+  runtime use, plus any extra evaluation it offers (zero-shot, attention maps).
+
+The driver (:func:`raycxr.train.driver.run_schedule`) owns everything else: positions, the progress
+bar, metrics, validation, checkpoint files and resume. The data plane (local datasets or site
+actors) is passed in, so the same method runs in one process, in Ray Train workers and in Tune trials.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..models.classifiers import EmbeddingModel
+from ..models.encoders import ImageEncoder
+from ..sites.config import SiteConfig
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of a schedule: what one call of :meth:`Method.run_unit` trains.
+
+    ``fields`` go into the unit's metrics record (e.g. ``{"stage": "conquer", "epoch": 0}`` or
+    ``{"round": 1, "site": "nih"}``); ``stage`` groups units that share an optimiser."""
+
+    stage: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of a pretraining method (subclass it and decorate with ``@register_method``).
+
+    Args:
+        cfg: the pretraining config (``configs/pretrain.yaml`` with overrides); the method's own
+            section is ``cfg[<name>]`` (or ``cfg[config_key]``).
+        sites: the run's sites by name, in registration order.
+        data: the data plane: ``union``, ``label_names``, ``union_loader()``, ``site_loaders()``,
+            ``site_classes()``, ``probe()``, ``val_batches()``, ``distribute(optimizer)``,
+            ``site_heads()``, ``hand_back_heads()`` (:class:`raycxr.train.local.LocalData` or the
+            Ray runner's site-actor plane).
+    """
+
+    name: ClassVar[str] = ""
+    config_key: ClassVar[str | None] = None  # the config section; default: the name
+    # site objectives the method can train (``objective:`` in a site YAML); others are refused
+    objectives: ClassVar[tuple[str, ...]] = ("supervised",)
+    unit_name: ClassVar[str] = "epoch"  # progress-bar unit
+
+    def __init__(self, cfg: DictConfig, sites: dict[str, SiteConfig], data: Any) -> None:
+        self.cfg, self.sites, self.data = cfg, sites, data
+        self.optimizer: Any = None
+        self.run: Any = None  # the run folder (set by the driver): stage snapshots go there
+        bad = {n: s.objective for n, s in sites.items() if s.objective not in self.objectives}
+        if bad:
+            raise ValueError(f"method '{self.name}' cannot train site objective(s) {bad}: it supports "
+                             f"{list(self.objectives)} (set the site's `objective:` or use another method)")
+
+    @property
+    def section(self) -> DictConfig:
+        return self.cfg[self.config_key or self.name]
+
+    # -- training: the driver calls these ----------------------------------------------------------
+    def setup(self, resume: Checkpoint | None) -> int:
+        """Build the models (restoring them from ``resume``); return the first schedule position to train."""
+        raise NotImplementedError
+
+    def units(self) -> list[Unit]:
+        """The whole schedule (positions index into it)."""
+        raise NotImplementedError
+
+    def start_unit(self, unit: Unit, position: int) -> None:
+        """Before a unit: switch stage, build the stage's optimiser... (default: nothing)."""
+
+    def run_unit(self, unit: Unit, position: int) -> dict[str, float]:
+        """Train one unit; return its mean loss terms (``loss`` at least) plus ``steps`` and ``images``."""
+        raise NotImplementedError
+
+    def probe(self, unit: Unit | None) -> dict[str, Any]:
+        """Deterministic figures on a fixed probe batch (``unit`` None: before training); default none."""
+        return {}
+
+    def current_classifier(self) -> tuple[nn.Module, list[str]] | None:
+        """The model as it is now, as images → probabilities, and its class names (None: nothing to score)."""
+        return None
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The modules a checkpoint stores, by name; ``"model"`` holds the encoder as ``model.encoder``."""
+        raise NotImplementedError
+
+    def module_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """State dicts of :meth:`modules` (a method that keeps frozen parts overrides it to leave them out)."""
+        return {k: m.state_dict() for k, m in self.modules().items()}
+
+    def optimizer_state(self) -> dict | None:
+        return self.optimizer.state_dict() if self.optimizer is not None else None
+
+    def meta(self) -> dict[str, Any]:
+        """The method's own checkpoint fields (small and JSON-like)."""
+        return {}
+
+    def after_unit(self, unit: Unit, position: int, record: dict) -> None:
+        """After a unit is trained and scored, before its checkpoint is made: update what the checkpoint
+        records (e.g. the best val AUC so far). Default: nothing."""
+
+    def end_unit(self, unit: Unit, position: int, record: dict, checkpoint: Checkpoint, run: Any) -> None:
+        """After the unit's checkpoint is saved (so a crash here loses nothing): stage snapshots, heads
+        handed back to the site actors... Default: nothing."""
+
+    def checkpoint(self, position: int, history: list[dict], val_auc: float | None) -> Checkpoint:
+        return Checkpoint(method=self.name, config=OmegaConf.to_container(self.cfg, resolve=True), position=position,
+                          modules=self.module_state(), optimizer=self.optimizer_state(),
+                          meta={"site_names": list(self.sites), **self.meta()}, history=list(history),
+                          val_auc=val_auc)
+
+    # -- a finished run ----------------------------------------------------------------------------
+    @classmethod
+    def pretrained(cls, ckpt: Checkpoint, cfg: DictConfig) -> Pretrained:
+        """The run as a :class:`Pretrained` (classifier, encoder, class names)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Pretrained:
+    """What a run produced, ready to use. ``classifier(x)`` returns probabilities over ``class_names``.
+
+    ``zero_shot`` (a method that can score any class name or prompt) and ``attention`` (a method
+    with attention maps over the image) are ``None`` when the method has no such evaluation."""
+
+    method: str
+    classifier: nn.Module
+    encoder: ImageEncoder
+    class_names: list[str]
+    image_size: int
+    sites: list[str]
+    config: dict
+    source: str
+    site_labels: dict[str, list[str]] = field(default_factory=dict)
+    zero_shot: Callable[[list[str]], nn.Module] | None = None
+    attention: Callable[[torch.Tensor], torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def embedding_model(self) -> EmbeddingModel:
+        return EmbeddingModel(self.encoder).eval()
+
+    @property
+    def encoder_name(self) -> str:
+        return str(self.config["encoder"]["name"])
+
+    def zero_shot_classifier(self, names: list[str]) -> nn.Module:
+        """The run on any class names or prompts (a method that supports zero-shot)."""
+        if self.zero_shot is None:
+            raise ValueError("zero-shot needs a method that scores class names (UniChest); "
+                             f"this run is '{self.method}'")
+        return self.zero_shot(list(names)).eval()
+
+
+# -- pieces the method loops share -------------------------------------------------------------------
+@dataclass
+class LossLog:
+    """Running sums of named loss terms; ``means()`` for the unit's summary."""
+
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    n: int = 0
+    steps: list[float] = field(default_factory=list)
+    images: int = 0
+
+    def add(self, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        for k, v in terms.items():
+            self.sums[k] += float(v)
+        self.n += 1
+        self.images += batch_size
+        self.steps.append(float(terms["loss"]))
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.n, 1) for k, v in self.sums.items()} | {"steps": self.n, "images": self.images}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors of a collated batch on ``device`` (lists such as image ids stay as they are)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast(model: nn.Module) -> torch.autocast:
+    """Mixed precision as the runner set it on the model (``model.amp_dtype``, e.g. bf16 on GPU);
+    off when unset. bf16 keeps fp32's range, so no gradient scaler is needed."""
+    dtype = getattr(model, "amp_dtype", None)
+    return torch.autocast(device_type=device_of(model).type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def limited(loader: Iterable, max_steps: int | None, device: torch.device | None = None) -> Iterable:
+    """At most ``max_steps`` batches of ``loader`` (on ``device``); fully quarantined batches are skipped."""
+    for i, batch in enumerate(loader):
+        if max_steps is not None and i >= max_steps:
+            return
+        if batch is not None:
+            yield batch if device is None else to_device(batch, device)
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    """Seed a loader's order by the schedule position, so a resumed run sees the data in the order an
+    uninterrupted run would (the local loaders and the site-actor streams both offer ``set_epoch``)."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(int(epoch))
+
+
+def adamw(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without decay on biases and other 1-D parameters (REFERENCE U.6)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    """``device: auto`` is the GPU when there is one (a Ray Train worker sets its own), else the CPU."""
+    d = str(cfg.get("device") or "auto")
+    return torch.device("cuda" if d == "auto" and torch.cuda.is_available() else "cpu" if d == "auto" else d)
+
+
+def place(cfg: DictConfig, *modules: nn.Module | None) -> torch.device:
+    """Move the run's modules to its device and set their mixed precision (``model.amp_dtype``, read by
+    the loops): ``precision: auto`` is bf16 autocast on a GPU and fp32 on the CPU."""
+    device = resolve_device(cfg)
+    precision = str(cfg.get("precision") or "auto")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got '{precision}'")
+    amp = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+    for m in modules:
+        if m is not None:
+            m.to(device)
+            m.amp_dtype = amp
+    return device
+
+
+def check_resume(ckpt: Checkpoint, method: str) -> None:
+    if ckpt.method != method:
+        raise ValueError(f"cannot resume a '{ckpt.method}' checkpoint ({ckpt.source}) as '{method}'")
+
+
+def clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a state dict: ``state_dict()`` tensors are the live weights, which keep training."""
+    return {k: v.detach().clone() for k, v in state.items()}

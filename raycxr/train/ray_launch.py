@@ -1,0 +1,68 @@
+"""Starting a run on Ray, in one place: the cluster, the site actors and the Train ``TorchTrainer``.
+
+``raycxr pretrain runner=ray`` (:mod:`raycxr.train.ray_runner`) and Tune trials that run as Train
+runs (:mod:`raycxr.tune`) both launch through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..sites.actor import start_site_actor
+from ..sites.config import SiteConfig
+
+
+def init_ray(cfg: DictConfig) -> None:
+    """Join ``ray.address`` or start a local cluster (``ray.num_cpus``, ``ray.object_store_mb``), once."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    r = cfg.ray
+    ray.init(address=r.address, num_cpus=r.num_cpus, include_dashboard=False, log_to_driver=r.log_to_driver,
+             object_store_memory=int(r.object_store_mb) * 2**20 if r.object_store_mb else None)
+
+
+def absolute_paths(cfg: DictConfig) -> None:
+    """Make the run's paths absolute: workers and actors run in other folders, possibly on other nodes."""
+    cfg.out = str(Path(cfg.out).resolve())
+    cfg.sites.data_root = str(Path(cfg.sites.data_root).resolve())
+    cfg.sites.sites_dir = str(Path(cfg.sites.sites_dir).resolve())
+
+
+def start_site_actors(cfg: DictConfig, sites: dict[str, SiteConfig], run_name: str) -> dict[str, Any]:
+    """One named actor per site (``raycxr/<run_name>/<site>``), ready when this returns."""
+    import ray
+
+    transforms = OmegaConf.to_container(cfg.transforms, resolve=True)
+    actors = {n: start_site_actor(s, transforms=transforms, site_index=i, seed=int(cfg.seed), run_name=run_name,
+                                  max_restarts=cfg.ray.actor_max_restarts)
+              for i, (n, s) in enumerate(sites.items())}
+    ray.get([a.ping.remote() for a in actors.values()])
+    return actors
+
+
+def build_trainer(cfg: DictConfig, actors: dict[str, Any], loop: Callable[[dict], None], *, name: str,
+                  storage: str | Path, method_cls: type | None = None, callbacks: list | None = None) -> Any:
+    """The ``TorchTrainer`` whose workers run ``loop`` (:func:`raycxr.train.ray_runner.train_loop_per_worker`).
+
+    ``method_cls`` travels to the workers with the config, so a method registered outside raycxr (a
+    plugin, or a test) runs there too; resume is Train V2's: the same ``name`` and ``storage``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    r = cfg.ray
+    return TorchTrainer(
+        loop,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "actors": actors,
+                           "method_cls": method_cls},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks or None,
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep)),
+    )
