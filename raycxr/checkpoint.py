@@ -106,8 +106,11 @@ class Checkpoint:
         if path.is_dir():
             path = path / FILENAME
         if not path.is_file():
+            partial = path.with_suffix(path.suffix + ".tmp")
+            note = (f"; {partial.name} there is a save that was interrupted, not a checkpoint"
+                    if partial.exists() else "")
             raise FileNotFoundError(f"pretraining run {run} not found: no checkpoint at {path} (give a folder "
-                                    "written by `raycxr pretrain`, or its checkpoint.pt)")
+                                    f"written by `raycxr pretrain`, or its checkpoint.pt){note}")
         return path
 
     @classmethod

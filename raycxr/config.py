@@ -42,6 +42,10 @@ def compose(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         with initialize_config_dir(version_base=None, config_dir=str(config_dir())):
             cfg = hydra_compose(config_name=name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise ValueError(f"bad configuration for '{name}' with overrides {list(overrides)}: {e}") from None
+        detail = " ".join(str(e).split())  # Hydra's messages span lines; the user gets one
+        raise ValueError(f"bad configuration for '{name}' with overrides {list(overrides)}: {detail}") from None
     OmegaConf.set_readonly(cfg, False)
+    from .schema import validate
+
+    validate(name, cfg)  # types and ranges: a bad value is one line naming its key
     return cfg

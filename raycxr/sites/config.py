@@ -30,6 +30,8 @@ from ..manifest import Manifest
 _KEYS = {"name", "adapter", "root", "manifest", "description", "adapter_options", "labels", "head",
          "objective", "placement", "quarantine"}
 _HEAD_KEYS = {"kind", "hidden"}
+_LABEL_KEYS = {"uncertain_policy"}
+_PLACEMENT_KEYS = {"label_selector", "resources"}
 HEAD_KINDS = ("linear", "mlp")
 
 
@@ -78,6 +80,10 @@ class SiteConfig:
         if d["adapter"] not in list_adapters():
             raise fail(f"adapter '{d['adapter']}' is not registered; known: {list_adapters()}")
         labels = d.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise fail("'labels' must be a mapping")
+        if set(labels) - _LABEL_KEYS:
+            raise fail(f"labels: unknown keys {sorted(set(labels) - _LABEL_KEYS)}; allowed: {sorted(_LABEL_KEYS)}")
         policy = labels.get("uncertain_policy", "ignore")
         if policy not in UNCERTAIN_POLICIES:
             raise fail(f"labels.uncertain_policy '{policy}' not in {UNCERTAIN_POLICIES}")
@@ -89,6 +95,13 @@ class SiteConfig:
         for key in ("adapter_options", "head", "placement"):
             if not isinstance(d.get(key) or {}, dict):
                 raise fail(f"'{key}' must be a mapping")
+        placement = dict(d.get("placement") or {})
+        if set(placement) - _PLACEMENT_KEYS:
+            raise fail(f"placement: unknown keys {sorted(set(placement) - _PLACEMENT_KEYS)}; "
+                       f"allowed: {sorted(_PLACEMENT_KEYS)}")
+        for key, value in placement.items():
+            if not isinstance(value, dict):
+                raise fail(f"placement.{key} must be a mapping (e.g. {{site: nih}})")
         head = dict(d.get("head") or {})
         if set(head) - _HEAD_KEYS:
             raise fail(f"head: unknown keys {sorted(set(head) - _HEAD_KEYS)}; allowed: {sorted(_HEAD_KEYS)}")
@@ -107,7 +120,7 @@ class SiteConfig:
                    yaml_path=Path(source) if source != "<dict>" else None,
                    description=d.get("description", ""), adapter_options=dict(d.get("adapter_options") or {}),
                    uncertain_policy=policy, head=head,
-                   objective=objective, placement=dict(d.get("placement") or {}), quarantine_path=quarantine)
+                   objective=objective, placement=placement, quarantine_path=quarantine)
 
     @classmethod
     def load(cls, path: str | Path, *, data_root: str | Path = ".") -> SiteConfig:
