@@ -1,12 +1,13 @@
 """The ``raycxr`` command. Arguments with ``=`` are Hydra overrides; others are names.
 
     raycxr demo [overrides]                       synthesise + register the demo sites, report on them
-    raycxr synth out=DIR n_per_site=N seed=S      write the synthetic multi-site corpus
+    raycxr synth out=DIR n_per_site=N seed=S      write the synthetic multi-site corpus (preset=study: the study's)
     raycxr pretrain method=unichest|ark|concurrent|mixed|single [overrides]
     raycxr eval run=RUN [overrides]               AUC/F1/AP, zero-shot, linear probe, fine-tune, report
     raycxr segment run=RUN [overrides]            MONAI segmentation decoders: pretrained vs random encoder
     raycxr export run=RUN [int8=true]             ONNX classifier + encoder with metadata and parity check
     raycxr tune [overrides]                       Ray Tune sweep over UniChest's lambda, K and lr (ASHA)
+    raycxr study [overrides]                      every pretraining strategy, transferred to a target site, with CIs
     raycxr sites list | adapters
     raycxr sites show NAME
     raycxr sites validate [NAME ...] [check_images=true]
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import compose
+from .config import compose, compose_preset
 
 USAGE = __doc__
 
@@ -42,10 +43,11 @@ def cmd_synth(args: Sequence[str]) -> int:
     names, overrides = _split(args)
     if names:
         raise SystemExit(f"raycxr synth takes only overrides (key=value), got {names}")
-    cfg = compose("synth", overrides)
+    cfg = compose_preset("synth", overrides)
     stats = synthesize(cfg.out, OmegaConf.to_container(cfg.sites), n_per_site=cfg.n_per_site, seed=cfg.seed,
                        render_size=cfg.render_size, workers=cfg.workers, overwrite=cfg.overwrite,
-                       preview=cfg.preview)
+                       preview=cfg.preview, enrich=OmegaConf.to_container(cfg.enrich) if cfg.enrich else None,
+                       split_fractions=list(cfg.split_fractions))
     print_corpus_table(stats["sites"], title=f"synthetic corpus in {cfg.out} ({stats['seconds']} s)")
     return 0
 
@@ -202,6 +204,13 @@ def cmd_export(args: Sequence[str]) -> int:
     return 0
 
 
+def cmd_study(args: Sequence[str]) -> int:
+    from .study import run_study
+
+    run_study(compose("study", _overrides_only("study", args)))
+    return 0
+
+
 def cmd_tune(args: Sequence[str]) -> int:
     from .tune import run_tune
 
@@ -210,7 +219,7 @@ def cmd_tune(args: Sequence[str]) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "sites": cmd_sites, "pretrain": cmd_pretrain, "eval": cmd_eval,
-            "segment": cmd_segment, "export": cmd_export, "tune": cmd_tune}
+            "segment": cmd_segment, "export": cmd_export, "tune": cmd_tune, "study": cmd_study}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,32 @@ def config_dir() -> Path:
     return d
 
 
+def compose_preset(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """:func:`compose` with a named preset: ``preset=study`` applies ``presets.study`` first, then the
+    command line's own overrides (which win)."""
+    cfg = compose(name, overrides)
+    preset = cfg.get("preset")
+    if not preset:
+        return cfg
+    if preset not in cfg.presets:
+        raise ValueError(f"unknown {name} preset '{preset}'; defined: {sorted(cfg.presets)}")
+    values = OmegaConf.to_container(cfg.presets[preset], resolve=True)
+    return compose(name, [*(f"{k}={hydra_value(v)}" for k, v in values.items()), *overrides])
+
+
+def hydra_value(v: object) -> str:
+    """A Python value in Hydra's override grammar (``{a: 1, b: [x, "y z"]}``)."""
+    import json
+
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {hydra_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(hydra_value(x) for x in v) + "]"
+    if v is None:
+        return "null"
+    return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
 def compose(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with Hydra overrides such as ``["seed=3", "+x=1"]``."""
     from hydra import compose as hydra_compose

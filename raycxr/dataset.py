@@ -104,7 +104,7 @@ def collate_skip_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] 
 
 
 def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str | None = "train", train: bool = True,
-                 label_space: UnionLabelSpace | None = None, second_view: bool = False, site_index: int = 0,
+                 label_space: UnionLabelSpace | None = None, second_view: bool | str = False, site_index: int = 0,
                  seed: int = 0, manifest: Manifest | None = None, quarantine: Quarantine | None = None,
                  uncertain_policy: str | None = None, use_labels: bool | None = None) -> SiteDataset:
     """The one way a registered site becomes a dataset (local runs, site actors, evaluation, fine-tuning).
@@ -116,7 +116,8 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
         train: augmented (training) or deterministic (evaluation) transforms.
         label_space: union targets in this space (e.g. :meth:`UnionLabelSpace.onto` a model's classes).
         second_view: also return ``image2``: a clean view for a supervised site (Ark's teacher input), a
-            second augmented view for a site with a self-supervised objective.
+            second augmented view for a site with a self-supervised objective; ``"augmented"``: a second
+            augmented view whatever the site's objective (label-free pretraining of every site).
         site_index: the site's number in the run (UniChest's source id).
         seed: seeds the uncertain-label policy (``lsr_ones``).
         manifest: an already loaded manifest (else read from the site).
@@ -128,7 +129,8 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
     tf = transforms_from_config(transforms, train=train)
     view2 = None
     if second_view:
-        view2 = eval_transforms(int(transforms.get("size", 224))) if site.objective == "supervised" else tf
+        clean = second_view != "augmented" and site.objective == "supervised"
+        view2 = eval_transforms(int(transforms.get("size", 224))) if clean else tf
     return SiteDataset(manifest if manifest is not None else site.load_manifest(), site.root, transform=tf,
                        split=split, label_space=label_space,
                        uncertain_policy=uncertain_policy or site.uncertain_policy, site_index=site_index,

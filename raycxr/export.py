@@ -488,6 +488,9 @@ def export_onnx(cfg: DictConfig) -> dict[str, Any]:
     ckpt = Checkpoint.find(cfg.run)
     digest = sha256_file(ckpt)
     pretrained = load_pretrained(ckpt)
+    if pretrained.classifier is None:
+        raise ValueError(f"{ckpt}: a '{pretrained.method}' run is an encoder without a classifier; export a run "
+                         "that has one, or fine-tune this encoder first (raycxr eval fine_tune)")
     out = _out_dir(cfg)
     names, size = list(pretrained.class_names), int(pretrained.image_size)
     sites, missing_sites = _training_sites(cfg, pretrained)

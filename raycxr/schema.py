@@ -86,6 +86,7 @@ class UniChestSection:
     conquer_epochs: int = MISSING
     divide_epochs: int = MISSING
     divide_from: str = MISSING
+    divide_share: float = MISSING
     n_experts: int = MISSING
     lam: float = MISSING
     bias_ratio: Optional[float] = MISSING
@@ -114,6 +115,16 @@ class BaselineSection:
     epochs: int = MISSING
     lr: float = MISSING
     weight_decay: float = MISSING
+
+
+@dataclass
+class SelfSupSection:
+    objective: str = MISSING
+    epochs: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    proj_dim: int = MISSING
+    momentum: float = MISSING
 
 
 @dataclass
@@ -151,6 +162,10 @@ class SynthConfig:
     workers: int = MISSING
     overwrite: bool = MISSING
     preview: bool = MISSING
+    enrich: Optional[dict[str, Any]] = MISSING
+    split_fractions: list[float] = MISSING
+    preset: Optional[str] = MISSING
+    presets: dict[str, Any] = MISSING
 
 
 @dataclass
@@ -178,6 +193,7 @@ class PretrainConfig:
     unichest: UniChestSection = MISSING
     ark: ArkSection = MISSING
     baseline: BaselineSection = MISSING
+    selfsup: SelfSupSection = MISSING
     ray: RaySection = MISSING
 
 
@@ -333,8 +349,81 @@ class DemoConfig:
     export: StepSection = MISSING
 
 
+@dataclass
+class StudyCorpusSection:
+    preset: Optional[str] = MISSING
+    out: str = MISSING
+    overrides: list[str] = MISSING
+    sites: list[str] = MISSING
+
+
+@dataclass
+class StudyBudgetSection:
+    steps: int = MISSING
+    batch_size: int = MISSING
+    steps_per_unit: int = MISSING
+
+
+@dataclass
+class StudyDownstreamSection:
+    seeds: list[int] = MISSING
+    fractions: list[float] = MISSING
+    linear_probe: bool = MISSING
+    lp_ft: bool = MISSING
+    zero_shot: bool = MISSING
+    epochs: int = MISSING
+    max_steps: Optional[int] = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    head_lr: float = MISSING
+    min_images: int = MISSING
+    C: float = MISSING
+    max_iter: int = MISSING
+
+
+@dataclass
+class StudyAnalysisSection:
+    diseases: list[str] = MISSING
+    min_positives: int = MISSING
+    bootstrap: int = MISSING
+    thresholds: list[float] = MISSING
+    referral: list[float] = MISSING
+
+
+@dataclass
+class StudyRaySection:
+    address: Optional[str] = MISSING
+    num_cpus: Optional[int] = MISSING
+
+
+@dataclass
+class StudyConfig:
+    sites: SitesSection = MISSING
+    name: str = MISSING
+    out: str = MISSING
+    report_dir: Optional[str] = MISSING
+    seed: int = MISSING
+    threads: Optional[int] = MISSING
+    runner: str = MISSING
+    cpus_per_cell: float = MISSING
+    ray: StudyRaySection = MISSING
+    corpus: StudyCorpusSection = MISSING
+    target: str = MISSING
+    pretrain_sites: list[str] = MISSING
+    eval_sites: Optional[list[str]] = MISSING
+    pretrain: list[str] = MISSING
+    budget: StudyBudgetSection = MISSING
+    backbones: dict[str, list[str]] = MISSING
+    rows: list[dict[str, Any]] = MISSING
+    include_registered: bool = MISSING
+    skip_methods: list[str] = MISSING
+    downstream: StudyDownstreamSection = MISSING
+    analysis: StudyAnalysisSection = MISSING
+
+
 SCHEMAS: dict[str, type] = {"sites": SitesConfig, "synth": SynthConfig, "pretrain": PretrainConfig, "tune": TuneConfig,
-                            "eval": EvalConfig, "export": ExportConfig, "segment": SegmentConfig, "demo": DemoConfig}
+                            "eval": EvalConfig, "export": ExportConfig, "segment": SegmentConfig, "demo": DemoConfig,
+                            "study": StudyConfig}
 
 # ----------------------------------------------------------------------------------------- value ranges
 # key -> (lowest allowed value, or a tuple of allowed values); checked after the types.
@@ -349,7 +438,8 @@ RULES: dict[str, dict[str, Any]] = {
         "unichest.loss.asl_reduction": ("sum", "mean"), "unichest.query.n_layers": _POSITIVE,
         "unichest.query.n_heads": _POSITIVE, "unichest.query.ffn": _POSITIVE,
         "ark.rounds": 0, "ark.proj_dim": _POSITIVE, "ark.lr": 0.0, "ark.ema_mode": ("epoch", "iteration"),
-        "baseline.epochs": 0, "baseline.lr": 0.0,
+        "baseline.epochs": 0, "baseline.lr": 0.0, "selfsup.epochs": 0, "selfsup.proj_dim": _POSITIVE,
+        "selfsup.objective": ("simclr", "mocov2", "vicreg", "clip", "slip"),
         "ray.num_workers": _POSITIVE, "ray.max_failures": 0, "ray.num_to_keep": _POSITIVE, "ray.prefetch": _POSITIVE,
     },
     "eval": {"batch_size": _POSITIVE, "bootstrap": 0, "limit": _POSITIVE, "fine_tune.epochs": 0,
@@ -360,6 +450,9 @@ RULES: dict[str, dict[str, Any]] = {
     "synth": {"n_per_site": _POSITIVE, "render_size": 32, "workers": _POSITIVE},
     "sites": {"workers": _POSITIVE},
 }
+RULES["study"] = {"runner": ("auto", "local", "ray"), "budget.steps": _POSITIVE, "budget.batch_size": _POSITIVE,
+                  "budget.steps_per_unit": _POSITIVE, "downstream.epochs": 0, "downstream.batch_size": _POSITIVE,
+                  "analysis.min_positives": _POSITIVE, "analysis.bootstrap": 0, "cpus_per_cell": 0.01}
 RULES["tune"] = {**RULES["pretrain"], "tune.trial_runner": ("local", "ray"), "tune.reduction_factor": 1.0001}
 
 

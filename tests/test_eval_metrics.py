@@ -263,3 +263,39 @@ def test_json_of_numpy_results_is_strict():
     res = M.classification_metrics(p, t, m, ["a", "b", "c"], n_boot=5)
     assert math.isfinite(res["mean"]["auc"])
     json.dumps(res, allow_nan=False)
+
+
+def test_estimable_classes_need_ten_positives_and_ten_negatives():
+    t = np.zeros((30, 3))
+    t[:10, 0] = 1  # 10 positives, 20 negatives: estimable
+    t[:9, 1] = 1   # 9 positives: not
+    t[:25, 2] = 1  # 5 negatives: not
+    assert M.estimable_classes(t, np.ones_like(t)).tolist() == [True, False, False]
+    assert M.estimable_classes(t, np.ones_like(t), min_positives=5).tolist() == [True, True, True]
+
+
+def test_contrast_bootstrap_by_hand():
+    y = np.array([[1.0], [1.0], [0.0], [0.0]])
+    m = np.ones_like(y)
+    a1 = np.array([[0.9], [0.4], [0.5], [0.1]])  # pairs: 0.9>0.5, 0.9>0.1, 0.4<0.5, 0.4>0.1 -> AUC 3/4
+    a2 = np.array([[0.8], [0.7], [0.2], [0.1]])  # AUC 1
+    b = np.array([[0.1], [0.2], [0.8], [0.9]])   # AUC 0
+    # A averages its two seeds: (0.75 + 1) / 2 = 0.875; A - B = 0.875
+    res = M.contrast_bootstrap([([(1.0, [a1, a2]), (-1.0, [b])], y, m)], n_boot=200)
+    assert res["estimate"] == pytest.approx(0.875)
+    lo, hi = res["ci"]
+    assert 0.5 <= lo <= 0.875 <= hi <= 1.0  # a resample can only move seed 1's AUC
+    # a row against itself: exactly 0 on every draw
+    same = M.contrast_bootstrap([([(1.0, [a1]), (-1.0, [a1])], y, m)], n_boot=50)
+    assert same["estimate"] == 0.0 and same["ci"] == (0.0, 0.0) and same["n_valid"] > 0
+    # perfect against reversed: 1 on every draw
+    sep = M.contrast_bootstrap([([(1.0, [a2]), (-1.0, [b])], y, m)], n_boot=50)
+    assert sep["estimate"] == 1.0 and sep["ci"] == (1.0, 1.0)
+    # two strata are averaged: (0.875 + 1) / 2; a difference of differences is one contrast
+    two = M.contrast_bootstrap([([(1.0, [a1, a2]), (-1.0, [b])], y, m), ([(1.0, [a2]), (-1.0, [b])], y, m)],
+                               n_boot=20)
+    assert two["estimate"] == pytest.approx(0.9375) and two["n_strata"] == 2
+    dd = M.contrast_bootstrap([([(1.0, [a2]), (-1.0, [a1]), (-1.0, [a2]), (1.0, [b])], y, m)], n_boot=20)
+    assert dd["estimate"] == pytest.approx((1 - 0.75) - (1 - 0))
+    with pytest.raises(ValueError, match="do not match"):
+        M.contrast_bootstrap([([(1.0, [a1[:3]])], y, m)])

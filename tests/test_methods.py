@@ -97,6 +97,7 @@ RESUME = {  # method -> (overrides for a one-unit run, overrides for the same ru
     "mixed": (["baseline.epochs=1"], ["baseline.epochs=2"]),
     "single": (["baseline.epochs=1", "site_names=[siim]"], ["baseline.epochs=2", "site_names=[siim]"]),
     "tiny": (["+tiny.lr=0.01", "+tiny.units=1"], ["+tiny.lr=0.01", "+tiny.units=2"]),
+    "selfsup": (["selfsup.epochs=1", "selfsup.objective=mocov2"], ["selfsup.epochs=2", "selfsup.objective=mocov2"]),
 }
 
 
@@ -117,6 +118,33 @@ def test_every_method_stops_after_one_unit_and_resumes(small_sites, tmp_path, me
         assert max(float(s["step"]) for s in adam) == steps
     else:  # SGD (Ark, tiny): the momentum buffers travelled with the checkpoint
         assert first.optimizer["state"] and last.optimizer["state"]
+
+
+@pytest.mark.parametrize("objective", ["simclr", "vicreg", "clip", "slip"])
+def test_label_free_pretraining_trains_the_encoder_with_each_objective(small_corpus, tmp_path, objective):
+    import numpy as np
+
+    from raycxr.manifest import Manifest
+
+    # one site with reports: copy siim's manifest with a report on every image
+    d = tmp_path / "sites"
+    d.mkdir()
+    m = Manifest.read(small_corpus / "siim" / "manifest.parquet")
+    df = m.to_pandas()
+    df["report"] = [f"finding number {i} in the right lung." for i in range(len(df))]
+    Manifest.from_records(df.to_dict("records"), m.label_names, m.site_meta).write(tmp_path / "m.parquet")
+    (d / "siim.yaml").write_text(yaml.safe_dump({"name": "siim", "adapter": "manifest",
+                                                 "root": str(small_corpus / "siim"),
+                                                 "manifest": str(tmp_path / "m.parquet")}))
+    c = compose("pretrain", [*SMALL, f"sites.sites_dir={d}", f"out={tmp_path / 'run'}", "method=selfsup",
+                             f"selfsup.objective={objective}", "selfsup.epochs=1", "selfsup.proj_dim=16"])
+    res = run_pretrain(c)
+    assert res["history"][0]["steps"] == 2 and np.isfinite(res["history"][0]["loss"])
+    pre = load_pretrained(tmp_path / "run")
+    assert pre.classifier is None and pre.embedding_model(torch.rand(2, 1, 64, 64)).shape == (2, 32)
+    torch.manual_seed(int(c.seed))
+    start = build_encoder(c, checkpoint=False)  # the same seed's untrained encoder: training moved it
+    assert not torch.equal(start.backbone.conv1.weight, pre.encoder.backbone.conv1.weight)
 
 
 def test_sites_added_on_resume_get_fresh_heads_for_heads_methods(small_sites, tmp_path):

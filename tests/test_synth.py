@@ -104,3 +104,21 @@ def test_unknown_source_is_a_clear_error():
         SiteSpec.parse({"name": "x", "source": "mimic"}, 1)
     with pytest.raises(ValueError, match="unknown keys"):
         SiteSpec.parse({"name": "x", "source": "nih", "colour": "red"}, 1)
+
+
+def test_enriched_sampling_reaches_the_asked_share_and_keeps_rows_unique():
+    import numpy as np
+
+    from raycxr.labels import canonical_name
+    from raycxr.synth.generator import sample_rows
+
+    table = source_table("nih")
+    canon = [canonical_name(c) for c in table.label_names]
+    enrich = {"classes": ["Edema", "Cardiomegaly", "Tuberculosis"], "min_rate": 0.1}  # NIH has no tuberculosis
+    idx = sample_rows(table, 300, np.random.default_rng(0), enrich)
+    labels = table.label_matrix()[idx]
+    assert len(idx) == len(set(idx)) == 300 and list(idx) == sorted(idx)
+    for c in ("Edema", "Cardiomegaly"):
+        assert (labels[:, canon.index(c)] == 1).mean() >= 0.1
+    plain = table.label_matrix()[sample_rows(table, 300, np.random.default_rng(0))]
+    assert (plain[:, canon.index("Edema")] == 1).mean() < 0.05  # the real prevalence (about 2 %) without it

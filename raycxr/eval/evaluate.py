@@ -17,7 +17,6 @@ Sites the run did not train on are reported as out-of-distribution (``ood: true`
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -26,18 +25,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..dataset import collate_skip_none, site_dataset
-from ..losses import masked_bce_with_logits
+from ..dataset import site_dataset
 from ..methods import Pretrained, load_pretrained
-from ..models.classifiers import Probabilities
-from ..models.factory import LinearClassifier
 from ..sites.config import SiteConfig, discover_sites
-from ..train.supervised import fit_supervised
 from .predict import SitePredictions, predict_site
 from .report import jsonable as _jsonable
+from .transfer import fine_tune_model, fit_linear_probe, linear_probe_probs, train_subset
 
 
 def reliability(pred: SitePredictions, thresholds: np.ndarray) -> dict[str, Any]:
@@ -112,31 +107,16 @@ def linear_probe(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> tuple[di
     """Logistic regression per class on frozen, standardised embeddings (train split → test split).
 
     Returns the test metrics and the fitted weights in embedding space (for linear-probe-then-fine-tune)."""
-    from sklearn.linear_model import LogisticRegression
-
     from .metrics import classification_metrics
 
     tr, te = _embeddings(pre, site, "train", cfg), _embeddings(pre, site, cfg.split, cfg)
-    mu, sd = tr.probs.mean(0), tr.probs.std(0) + 1e-6
-    xtr, xte = (tr.probs - mu) / sd, (te.probs - mu) / sd
-    c = len(tr.class_names)
-    probs = np.full((len(xte), c), 0.5, np.float32)
-    w, b = np.zeros((c, xtr.shape[1]), np.float32), np.zeros(c, np.float32)
-    for j in range(c):
-        rows = tr.mask[:, j] > 0
-        y = tr.targets[rows, j]
-        if y.sum() < 2 or (1 - y).sum() < 2:
-            continue  # too few positives or negatives to fit; the class keeps 0.5 and its AUC shows it
-        clf = LogisticRegression(C=float(cfg.linear_probe.C), max_iter=int(cfg.linear_probe.max_iter))
-        clf.fit(xtr[rows], y)
-        probs[:, j] = clf.predict_proba(xte)[:, 1]
-        # fold the standardisation into the weights so they apply to raw embeddings
-        w[j] = clf.coef_[0] / sd
-        b[j] = clf.intercept_[0] - float((clf.coef_[0] * mu / sd).sum())
+    w, b = fit_linear_probe(tr.probs, tr.targets, tr.mask, C=float(cfg.linear_probe.C),
+                            max_iter=int(cfg.linear_probe.max_iter))
+    probs = linear_probe_probs(te.probs, w, b)
     cols = te.annotated_classes()
     names = [te.class_names[j] for j in cols]
     res = classification_metrics(probs[:, cols], te.targets[:, cols], te.mask[:, cols], names)
-    res["n_train"] = len(xtr)
+    res["n_train"] = len(tr.probs)
     return res, {"weight": torch.from_numpy(w), "bias": torch.from_numpy(b)}
 
 
@@ -146,27 +126,13 @@ def fine_tune(pre: Pretrained, site: SiteConfig, fraction: float, cfg: DictConfi
     from .metrics import classification_metrics
 
     f = cfg.fine_tune
-    manifest = site.load_manifest()
-    own = manifest.label_names
-    train_ds = site_dataset(site, {"size": pre.image_size}, split="train", train=True, seed=int(cfg.seed),
-                            manifest=manifest, use_labels=True)
-    rng = np.random.default_rng(int(cfg.seed))
-    n = max(int(f.min_images), math.ceil(fraction * len(train_ds)))
-    idx = np.sort(rng.permutation(len(train_ds))[:min(n, len(train_ds))])
-    torch.manual_seed(int(cfg.seed))
-    model = LinearClassifier(copy.deepcopy(pre.encoder), len(own))
-    if head_init is not None:
-        model.head.load_state_dict(head_init)
-    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": float(f.lr)},
-                             {"params": model.head.parameters(), "lr": float(f.head_lr)}], weight_decay=0.01)
-    dl = DataLoader(Subset(train_ds, idx.tolist()), batch_size=int(cfg.batch_size), shuffle=True,
-                    collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(int(cfg.seed)))
-    bce = lambda m, b: masked_bce_with_logits(m(b["image"]), b["labels"], b["label_mask"])  # noqa: E731
-    history = fit_supervised(model, dl, bce, opt, epochs=int(f.epochs), max_steps=f.get("max_steps"),
-                             desc=f"fine-tune {site.name}", progress=False)
-    steps = len(history)
-    model.eval()
-    pred = predict_site(Probabilities(model), site, own, split=cfg.split, image_size=pre.image_size,
+    n_train = len(site_dataset(site, {"size": pre.image_size}, split="train", train=False))
+    idx = train_subset(n_train, fraction, int(cfg.seed), int(f.min_images))
+    model, steps = fine_tune_model(pre.encoder, site, image_size=pre.image_size, indices=idx, seed=int(cfg.seed),
+                                   batch_size=int(cfg.batch_size), epochs=int(f.epochs), max_steps=f.get("max_steps"),
+                                   lr=float(f.lr), head_lr=float(f.head_lr), head_init=head_init)
+    own = site.load_manifest().label_names
+    pred = predict_site(model, site, own, split=cfg.split, image_size=pre.image_size,
                         batch_size=cfg.batch_size, limit=cfg.get("limit"), progress=False)
     cols = pred.annotated_classes()
     res = classification_metrics(pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols],
@@ -229,7 +195,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"model": {"run": str(cfg.run), "method": pre.method, "encoder": pre.encoder_name,
                                "image_size": pre.image_size, "classes": pre.class_names, "sites": pre.sites},
                                "sites": {}}
-    steps = [(n, "classifier") for n in sites]
+    # a label-free run (method=selfsup) is an encoder only: its evaluation is the probe and fine-tuning
+    steps = [(n, "classifier") for n in sites] if pre.classifier is not None else []
     if cfg.zero_shot.enabled and pre.zero_shot is not None:
         steps += [(n, "zero_shot") for n in sites]
     probe_sites = _pick(cfg.linear_probe.sites, sites, pre)

@@ -323,3 +323,69 @@ def roc_points(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray,
             fpr, tpr, _ = roc_curve(t[m[:, c], c], p[m[:, c], c])
             out[str(name)] = (fpr, tpr)
     return out
+
+
+# ----------------------------------------------------------------------------------------- studies
+
+
+def estimable_classes(targets: np.ndarray, mask: np.ndarray, min_positives: int = 10) -> np.ndarray:
+    """(C,) bool: the class has at least ``min_positives`` annotated positives and as many negatives.
+
+    With fewer, an AUC is too noisy to compare methods by (one positive moves it by 1/n_pos): a study
+    reports such a class as *not estimable* instead of averaging it in."""
+    pos, neg = class_counts(targets, mask)
+    return (pos >= int(min_positives)) & (neg >= int(min_positives))
+
+
+Term = tuple[float, Sequence[np.ndarray]]  # (weight, one (N, C) prediction per seed)
+Stratum = tuple[Sequence[Term], np.ndarray, np.ndarray]  # (terms, targets (N, C), mask (N, C))
+
+
+def _contrast(terms: Sequence[Term], t: np.ndarray, m: np.ndarray, idx: np.ndarray | None = None) -> float:
+    """Σ_i w_i · (mean over seeds of the mean AUC over the stratum's classes) on rows ``idx``."""
+    total = 0.0
+    for w, seeds in terms:
+        vals = []
+        for p in seeds:
+            pb, tb, mb = (p, t, m) if idx is None else (p[idx], t[idx], m[idx])
+            aucs = [_rank_auc(tb[mb[:, c], c], pb[mb[:, c], c]) for c in range(pb.shape[1])]
+            vals.append(float(np.mean(aucs)))
+        total += float(w) * float(np.mean(vals))
+    return total
+
+
+def contrast_bootstrap(strata: Sequence[Stratum], *, n_boot: int = 500, alpha: float = 0.05,
+                       seed: int = 0) -> dict[str, Any]:
+    """A contrast of mean AUCs with its paired-bootstrap percentile interval.
+
+    Each stratum is one test set (a site) with the predictions of several rows on the *same* images:
+    ``terms`` are ``(weight, [one (N, C) prediction per seed])``, e.g. ``[(1, A), (-1, B)]`` for the
+    difference A - B, or ``[(1, A1), (-1, A0), (-1, B1), (1, B0)]`` for a difference of differences.
+    A row's value is the mean over its seeds of the mean AUC over the stratum's classes (pass only
+    estimable ones); the estimate is the contrast averaged over strata. Every bootstrap draw resamples
+    the images of each stratum once and scores every row and seed on the same draw, so the interval
+    is paired (the variance the rows share cancels). A draw where a class loses all its positives or
+    negatives is skipped. Returns ``{"estimate", "ci": (low, high), "n_valid", "n_strata"}``."""
+    kept = [(terms, np.nan_to_num(np.asarray(t, np.float64)) > 0.5, np.asarray(m, np.float64) > 0)
+            for terms, t, m in strata if np.asarray(t).shape[1] > 0 and len(terms)]
+    if not kept:
+        return {"estimate": math.nan, "ci": (math.nan, math.nan), "n_valid": 0, "n_strata": 0}
+    for terms, t, _ in kept:
+        for _, seeds in terms:
+            for p in seeds:
+                if np.asarray(p).shape != t.shape:
+                    raise ValueError(f"predictions of shape {np.asarray(p).shape} do not match targets {t.shape}")
+    estimate = float(np.mean([_contrast(terms, t, m) for terms, t, m in kept]))
+    draws = [_resample_indices(len(t), n_boot, seed + k) for k, (_, t, _) in enumerate(kept)]
+    values = []
+    for b in range(int(n_boot)):
+        per = []
+        for (terms, t, m), d in zip(kept, draws):
+            idx = d[b]
+            if not evaluable_classes(t[idx], m[idx]).all():
+                break
+            per.append(_contrast(terms, t, m, idx))
+        else:
+            values.append(float(np.mean(per)))
+    lo, hi = _percentile_ci(np.asarray(values, np.float64), alpha)
+    return {"estimate": estimate, "ci": (lo, hi), "n_valid": len(values), "n_strata": len(kept)}

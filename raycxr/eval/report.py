@@ -23,7 +23,7 @@ CSV_COLUMNS = ["evaluation", "site", "split", "ood", "class", "n_pos", "n_neg", 
 Block = tuple  # ("h", level, text) | ("p", text) | ("ul", items) | ("table", header, rows) | ("img", file, caption)
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,15 +146,15 @@ def write_metrics_csv(results: Mapping[str, Any], path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def _save(fig: Any, path: Path) -> Path:
-    plt = _plt()
+def save_figure(fig: Any, path: Path) -> Path:
+    plt = pyplot()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
 
 
-def _grouped_bars(ax: Any, categories: list[str], series: Mapping[str, Sequence[float]],
+def grouped_bars(ax: Any, categories: list[str], series: Mapping[str, Sequence[float]],
                   errors: Mapping[str, np.ndarray] | None = None) -> None:
     n = max(len(series), 1)
     width = 0.8 / n
@@ -173,7 +173,7 @@ def _grouped_bars(ax: Any, categories: list[str], series: Mapping[str, Sequence[
 
 def plot_auc_bars(metrics: Mapping[str, Mapping[str, Any]], path: Path, *, title: str = "AUC per class") -> Path:
     """Grouped bars: per-class AUC, one bar per site (error bars: bootstrap CI where present)."""
-    plt = _plt()
+    plt = pyplot()
     classes = list(dict.fromkeys(n for m in metrics.values() for n in m["per_class"]))
     series, errors = {}, {}
     for site, m in metrics.items():
@@ -185,20 +185,20 @@ def plot_auc_bars(metrics: Mapping[str, Mapping[str, Any]], path: Path, *, title
         if np.isfinite(lo).any():
             errors[site] = np.nan_to_num(np.vstack([auc - lo, hi - auc]).clip(0))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(classes) * max(len(metrics), 1) + 2), 4))
-    _grouped_bars(ax, classes, series, errors)
+    grouped_bars(ax, classes, series, errors)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
     ax.set_ylim(0, 1.18)
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("ROC AUC (n/a: no positive or no negative)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=min(len(metrics) + 1, 6), loc="upper center")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc_curves(rocs: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path, *,
                     per_class: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None, k: int = 4) -> Path:
     """One panel per site with the ROC curves of its ``k`` classes with the most positives."""
-    plt = _plt()
+    plt = pyplot()
     n = max(len(rocs), 1)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
@@ -218,17 +218,17 @@ def plot_roc_curves(rocs: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
     for ax in list(axes.flat)[len(rocs):]:
         ax.axis("off")
     fig.suptitle(f"ROC curves, the {k} classes with the most positives per site", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_fnr_by_group(fnr: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Path, *,
                       title: str = "false-negative rate by sex", xlabel: str = "sex") -> Path:
     """Grouped bars: FNR per group value (x), one bar per site; the bar label is the positive count."""
-    plt = _plt()
+    plt = pyplot()
     groups = sorted({g for d in fnr.values() for g in d}, key=lambda g: (g == "unknown", g))
     series = {site: [_num(d.get(g, {}).get("fnr")) for g in groups] for site, d in fnr.items()}
     fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(groups) * max(len(fnr), 1) + 2), 3.6))
-    _grouped_bars(ax, groups, series)
+    grouped_bars(ax, groups, series)
     for container, (_, d) in zip(ax.containers, fnr.items()):
         ax.bar_label(container, labels=[f"n={d.get(g, {}).get('n_pos', 0)}" for g in groups], fontsize=6)
     ax.set_ylim(0, 1.1)
@@ -236,12 +236,12 @@ def plot_fnr_by_group(fnr: Mapping[str, Mapping[str, Mapping[str, Any]]], path: 
     ax.set_ylabel("FNR over annotated positives")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_oracle_auc(oracle: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     """Mean AUC vs the fraction of most-uncertain cases referred to an oracle, one line per site."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for site, o in oracle.items():
         ax.plot(np.asarray(o["fractions"], float) * 100, [_num(v) for v in o["mean_auc"]], marker="o", label=site)
@@ -250,12 +250,12 @@ def plot_oracle_auc(oracle: Mapping[str, Mapping[str, Any]], path: Path) -> Path
     ax.set_title("oracle AUC: referring the most uncertain cases", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_threshold_sweep(sweeps: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     """Two panels, one line per site: mean FNR and mean accuracy against a global threshold."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
     for site, s in sweeps.items():
         th = np.asarray(s["thresholds"], float)
@@ -268,7 +268,7 @@ def plot_threshold_sweep(sweeps: Mapping[str, Mapping[str, Any]], path: Path) ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("FNR and accuracy across thresholds (means over classes)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_fine_tune(fine_tune: Mapping[str, Mapping[str, Any]], path: Path, *,
@@ -276,7 +276,7 @@ def plot_fine_tune(fine_tune: Mapping[str, Mapping[str, Any]], path: Path, *,
     """Mean AUC vs the percentage of training images fine-tuned on (log x), one line per site.
 
     A star marks linear-probe-then-fine-tune (at 100 %); a dashed line the linear probe, where given."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ticks: set[float] = {100.0}
     for site, entries in fine_tune.items():
@@ -298,7 +298,7 @@ def plot_fine_tune(fine_tune: Mapping[str, Mapping[str, Any]], path: Path, *,
     ax.set_title("fine-tuning with a fraction of the target site's training images", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- Markdown / HTML

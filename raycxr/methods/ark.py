@@ -206,6 +206,11 @@ class ArkMethod(Method):
     objectives = ("supervised", "clip", "simclr", "mocov2", "vicreg", "slip")
     unit_name = "site-epoch"
 
+    @classmethod
+    def budget_overrides(cls, cfg: DictConfig, units: int, n_sites: int) -> list[str]:
+        """A unit is one site-epoch: ``units`` site-epochs are ``units / n_sites`` rounds."""
+        return [f"ark.rounds={max(1, int(round(units / max(n_sites, 1))))}"]
+
     def setup(self, resume: Checkpoint | None) -> int:
         a = self.section
         self.resume = resume

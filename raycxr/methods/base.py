@@ -63,6 +63,7 @@ class Method:
     # site objectives the method can train (``objective:`` in a site YAML); others are refused
     objectives: ClassVar[tuple[str, ...]] = ("supervised",)
     unit_name: ClassVar[str] = "epoch"  # progress-bar unit
+    offers_zero_shot: ClassVar[bool] = False  # a finished run scores any class name (``Pretrained.zero_shot``)
 
     def __init__(self, cfg: DictConfig, sites: dict[str, SiteConfig], data: Any) -> None:
         self.cfg, self.sites, self.data = cfg, sites, data
@@ -130,6 +131,14 @@ class Method:
                           meta={"site_names": list(self.sites), **self.meta()}, history=list(history),
                           val_auc=val_auc)
 
+    # -- a study's budget --------------------------------------------------------------------------
+    @classmethod
+    def budget_overrides(cls, cfg: DictConfig, units: int, n_sites: int) -> list[str]:
+        """Config overrides that give this method ``units`` schedule units of at most
+        ``max_steps_per_epoch`` steps each, on ``n_sites`` sites: how ``raycxr study`` puts every row on
+        the same budget of optimiser steps × batch. Default: ``<section>.epochs=units``."""
+        return [f"{cls.config_key or cls.name}.epochs={int(units)}"]
+
     # -- a finished run ----------------------------------------------------------------------------
     @classmethod
     def pretrained(cls, ckpt: Checkpoint, cfg: DictConfig) -> Pretrained:
@@ -145,7 +154,7 @@ class Pretrained:
     with attention maps over the image) are ``None`` when the method has no such evaluation."""
 
     method: str
-    classifier: nn.Module
+    classifier: nn.Module | None  # None: the method trains an encoder only (label-free pretraining)
     encoder: ImageEncoder
     class_names: list[str]
     image_size: int

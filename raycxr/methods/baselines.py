@@ -87,6 +87,13 @@ class ConcurrentMethod(_Epochs):
     # no teacher, hence no momentum encoder for MoCo v2
     objectives = ("supervised", "clip", "simclr", "vicreg", "slip")
 
+    @classmethod
+    def budget_overrides(cls, cfg: DictConfig, units: int, n_sites: int) -> list[str]:
+        """A step takes one batch from every site: each site's batch is ``batch_size / n_sites``, so a step
+        sees as many images as one of the other methods."""
+        return [*super().budget_overrides(cfg, units, n_sites),
+                f"batch_size={max(1, int(cfg.batch_size) // max(n_sites, 1))}"]
+
     def setup(self, resume: Checkpoint | None) -> int:
         if resume is not None:
             check_resume(resume, self.name)

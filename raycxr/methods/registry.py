@@ -69,5 +69,7 @@ def load_pretrained(run: str | Path | Any, *, text_model_dir: str | None = None)
         cfg.text.model_dir = text_model_dir
     import_plugins(cfg.get("plugins"))
     pre = get_method(ckpt.method).pretrained(ckpt, cfg)
-    pre.classifier.eval()
+    if pre.classifier is not None:
+        pre.classifier.eval()
+    pre.encoder.eval()
     return pre

@@ -161,6 +161,15 @@ class UniChestMethod(Method):
 
     name = "unichest"
     objectives = ("supervised", "clip")
+    offers_zero_shot = True
+
+    @classmethod
+    def budget_overrides(cls, cfg: DictConfig, units: int, n_sites: int) -> list[str]:
+        """``unichest.divide_share`` of the units in divide (0: conquer only), the rest in conquer."""
+        divide = int(round(units * float(cfg.unichest.divide_share)))
+        if float(cfg.unichest.divide_share) > 0:
+            divide = min(max(divide, 1), units - 1)
+        return [f"unichest.conquer_epochs={units - divide}", f"unichest.divide_epochs={divide}"]
 
     def setup(self, resume: Checkpoint | None) -> int:
         u = self.section

@@ -49,7 +49,7 @@ class SiteActorImpl:
         return {"name": self.site.name, "label_names": self.manifest.label_names, "images": len(self.manifest),
                 "objective": self.site.objective, "quarantined": len(self.quarantine)}
 
-    def _dataset(self, mode: str, union_names: tuple[str, ...] | None, train: bool, second_view: bool,
+    def _dataset(self, mode: str, union_names: tuple[str, ...] | None, train: bool, second_view: bool | str,
                  split: str) -> SiteDataset:
         key = (mode, union_names, train, second_view, split)
         if key not in self.datasets:
@@ -65,7 +65,7 @@ class SiteActorImpl:
         return len(self._dataset("n", union_names, False, False, split))
 
     def batch(self, indices: list[int], *, union_names: tuple[str, ...] | None = None, train: bool = True,
-              second_view: bool = False, split: str = "train") -> dict | None:
+              second_view: bool | str = False, split: str = "train") -> dict | None:
         """Transformed, collated samples; unreadable ones are quarantined here and left out."""
         ds = self._dataset("b", union_names, train, second_view, split)
         return collate_skip_none([ds[i] for i in indices])

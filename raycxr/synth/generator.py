@@ -150,13 +150,45 @@ def render_one(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def sample_rows(table: Manifest, n: int, rng: np.random.Generator, enrich: dict | None = None) -> np.ndarray:
+    """Sorted row indices of ``n`` rows of a source table: at random, or first enough positives of each
+    class in ``enrich["classes"]`` (canonical names) to reach ``enrich["min_rate"]`` of ``n``, then the
+    rest at random."""
+    n = min(int(n), len(table))
+    if not enrich or not enrich.get("classes"):
+        return np.sort(rng.choice(len(table), size=n, replace=False))
+    labels = table.label_matrix()
+    canon = [canonical_name(c) for c in table.label_names]
+    need = int(np.ceil(float(enrich.get("min_rate", 0.1)) * n))
+    chosen: set[int] = set()
+    for name in enrich["classes"]:
+        c = canonical_name(name)
+        if c not in canon:
+            continue  # this site's table does not label the class
+        col = labels[:, canon.index(c)]
+        pos = np.flatnonzero(col == 1)
+        have = sum(1 for i in chosen if col[i] == 1)
+        extra = [i for i in rng.permutation(pos) if i not in chosen][:max(0, need - have)]
+        chosen.update(int(i) for i in extra)
+    chosen_list = sorted(chosen)[:n]
+    rest = np.setdiff1d(np.arange(len(table)), chosen_list)
+    fill = rng.choice(rest, size=n - len(chosen_list), replace=False)
+    return np.sort(np.concatenate([np.asarray(chosen_list, dtype=np.int64), fill]))
+
+
 # -- a whole corpus -----------------------------------------------------------------------------
 def synthesize(out: str | Path, sites: Sequence[str | dict] = DEFAULT_SITES, *, n_per_site: int = 400,
                seed: int = 0, render_size: int = 256, workers: int = 2, overwrite: bool = False,
-               preview: bool = True, progress: bool = True) -> dict[str, Any]:
+               preview: bool = True, progress: bool = True, enrich: dict | None = None,
+               split_fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, Any]:
     """Write one folder per site (DICOM images, masks, ``manifest.parquet``, preview) under ``out``.
 
-    Returns the corpus statistics (also written to ``out/stats.json``).
+    ``enrich`` (``{"classes": [...], "min_rate": 0.12}``) samples rows so that each named class, where
+    the site's table has it, is positive in at least that share of the site's images (the rest are
+    drawn at random; co-occurrence within the drawn rows stays real). It changes prevalence on
+    purpose: a study needs enough test positives per disease to estimate an AUC. ``split_fractions``
+    are the train / val / test shares (patient-disjoint). Returns the corpus statistics (also written
+    to ``out/stats.json``).
     """
     out = Path(out)
     specs = [SiteSpec.parse(s, n_per_site) for s in sites]
@@ -164,7 +196,8 @@ def synthesize(out: str | Path, sites: Sequence[str | dict] = DEFAULT_SITES, *, 
         raise ValueError(f"synthetic site names must be unique: {[s.name for s in specs]}")
     load_lung_atlas(render_size)  # build the cache once, before workers fork
     t0 = time.perf_counter()
-    stats: dict[str, Any] = {"seed": seed, "n_per_site": n_per_site, "render_size": render_size, "sites": {}}
+    stats: dict[str, Any] = {"seed": seed, "n_per_site": n_per_site, "render_size": render_size,
+                             "enrich": enrich, "split_fractions": list(split_fractions), "sites": {}}
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     for si, spec in enumerate(specs):
         site_dir = out / spec.name
@@ -174,7 +207,7 @@ def synthesize(out: str | Path, sites: Sequence[str | dict] = DEFAULT_SITES, *, 
             shutil.rmtree(site_dir)
         table = source_table(spec.source)
         rng = np.random.default_rng([seed, si, 7919])
-        pick = np.sort(rng.choice(len(table), size=min(spec.n, len(table)), replace=False))
+        pick = sample_rows(table, spec.n, rng, enrich)
         rows = table.table.take(pick).to_pandas().to_dict("records")
         for r in rows:
             r["labels"] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else int(v)
@@ -194,7 +227,7 @@ def synthesize(out: str | Path, sites: Sequence[str | dict] = DEFAULT_SITES, *, 
                                     disable=not progress))
         else:
             records = [render_one(t) for t in tqdm(tasks, desc=desc, disable=not progress)]
-        splits = assign_splits([r["patient_id"] for r in records], salt=spec.name)
+        splits = assign_splits([r["patient_id"] for r in records], salt=spec.name, fractions=tuple(split_fractions))
         for r, s in zip(records, splits):
             r["split"] = s
         meta = {"name": spec.name, "adapter": "synthetic", "source": spec.source, "seed": seed,

@@ -67,7 +67,7 @@ class LocalData:
         self._val: EpochLoader | None = None
 
     def datasets(self, *, split: str = "train", train: bool = True, union: bool = False,
-                 second_view: bool = False) -> dict[str, SiteDataset]:
+                 second_view: bool | str = False) -> dict[str, SiteDataset]:
         """One dataset per site (:func:`raycxr.dataset.site_dataset`); unreadable images are quarantined."""
         return {n: site_dataset(s, self.transforms, split=split, train=train, label_space=self.union if union else None,
                                 second_view=second_view, site_index=i, seed=int(self.cfg.seed),
@@ -77,8 +77,10 @@ class LocalData:
     def site_classes(self) -> dict[str, int]:
         return {n: len(names) for n, names in self.label_names.items()}
 
-    def union_loader(self) -> EpochLoader:
-        return EpochLoader(ConcatDataset(list(self.datasets(union=True).values())), self.cfg)
+    def union_loader(self, second_view: bool | str = False) -> EpochLoader:
+        """Every site's train split in one shuffled stream, union targets (``second_view`` as in
+        :func:`raycxr.dataset.site_dataset`)."""
+        return EpochLoader(ConcatDataset(list(self.datasets(union=True, second_view=second_view).values())), self.cfg)
 
     def site_loaders(self, second_view: bool = True) -> dict[str, EpochLoader]:
         return {n: EpochLoader(d, self.cfg) for n, d in self.datasets(second_view=second_view).items()}

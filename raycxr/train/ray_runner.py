@@ -147,8 +147,8 @@ class ActorData:
         return ActorStream([self.actors[n] for n in names], sizes, self.cfg.batch_size, seed=int(self.cfg.seed),
                            rank=self.rank, world=self.world, prefetch=int(self.cfg.ray.prefetch), **kw)
 
-    def union_loader(self) -> ActorStream:
-        return self._stream(list(self.actors), union_names=self.union_names)
+    def union_loader(self, second_view: bool | str = False) -> ActorStream:
+        return self._stream(list(self.actors), union_names=self.union_names, second_view=second_view)
 
     def site_loaders(self, second_view: bool = True) -> dict[str, ActorStream]:
         return {n: self._stream([n], second_view=second_view) for n in self.actors}

@@ -1,0 +1,87 @@
+"""Transfer of a pretrained encoder to a target site: linear probe and fine-tuning, the pieces that
+``raycxr eval`` and ``raycxr study`` both use.
+
+- :func:`train_subset`: the seeded fraction of a site's training images a run may use;
+- :func:`fit_linear_probe`: logistic regression per class on frozen, standardised embeddings, returned
+  as weights on the raw embeddings (so they also initialise a fine-tuning head: LP-FT);
+- :func:`fine_tune_model`: the encoder plus a new linear head over the site's classes, trained on the
+  subset with the shared supervised loop, returned as images → probabilities.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ..dataset import collate_skip_none, site_dataset
+from ..losses import masked_bce_with_logits
+from ..models.classifiers import Probabilities
+from ..models.factory import LinearClassifier
+from ..sites.config import SiteConfig
+from ..train.supervised import fit_supervised
+
+
+def train_subset(n: int, fraction: float, seed: int, min_images: int = 8) -> np.ndarray:
+    """Sorted indices of ``ceil(fraction · n)`` (at least ``min_images``) of ``n`` training items, seeded."""
+    k = min(n, max(int(min_images), math.ceil(float(fraction) * n)))
+    return np.sort(np.random.default_rng(int(seed)).permutation(n)[:k])
+
+
+def fit_linear_probe(x: np.ndarray, targets: np.ndarray, mask: np.ndarray, *, C: float = 0.5,
+                     max_iter: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class logistic regression on standardised embeddings ``x`` (N, D); returns ``(w (C, D), b (C,))``
+    on the raw embeddings. A class with fewer than 2 annotated positives or negatives keeps w = 0,
+    b = 0 (probability 0.5 everywhere, so its AUC shows it was not fit)."""
+    from sklearn.linear_model import LogisticRegression
+
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    c = targets.shape[1]
+    w, b = np.zeros((c, x.shape[1]), np.float32), np.zeros(c, np.float32)
+    for j in range(c):
+        rows = mask[:, j] > 0
+        y = targets[rows, j] > 0.5
+        if y.sum() < 2 or (~y).sum() < 2:
+            continue
+        clf = LogisticRegression(C=float(C), max_iter=int(max_iter)).fit(z[rows], y)
+        # fold the standardisation into the weights so they apply to raw embeddings
+        w[j] = clf.coef_[0] / sd
+        b[j] = clf.intercept_[0] - float((clf.coef_[0] * mu / sd).sum())
+    return w, b
+
+
+def linear_probe_probs(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Probabilities ``σ(x wᵀ + b)`` of a fitted probe, (N, C)."""
+    return (1.0 / (1.0 + np.exp(-(np.asarray(x, np.float64) @ w.T.astype(np.float64) + b)))).astype(np.float32)
+
+
+def fine_tune_model(encoder: nn.Module, site: SiteConfig, *, image_size: int, indices: np.ndarray | None = None,
+                    seed: int = 0, batch_size: int = 32, epochs: int = 2, max_steps: int | None = None,
+                    lr: float = 1e-4, head_lr: float = 1e-3, head_init: dict | None = None,
+                    desc: str | None = None) -> tuple[nn.Module, int]:
+    """Fine-tune a copy of ``encoder`` with a new linear head over the site's own classes on its training
+    images (``indices`` of the train split, default all). Returns the model as images → probabilities
+    and the number of optimiser steps."""
+    train_ds = site_dataset(site, {"size": int(image_size)}, split="train", train=True, seed=int(seed),
+                            use_labels=True)
+    idx = np.arange(len(train_ds)) if indices is None else np.asarray(indices)
+    torch.manual_seed(int(seed))
+    model = LinearClassifier(copy.deepcopy(encoder), len(train_ds.manifest.label_names))
+    if head_init is not None:
+        model.head.load_state_dict(head_init)
+    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": float(lr)},
+                             {"params": model.head.parameters(), "lr": float(head_lr)}], weight_decay=0.01)
+    dl = DataLoader(Subset(train_ds, idx.tolist()), batch_size=int(batch_size), shuffle=True,
+                    collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(int(seed)))
+
+    def bce(m: nn.Module, b: dict) -> torch.Tensor:
+        return masked_bce_with_logits(m(b["image"]), b["labels"], b["label_mask"])
+
+    history = fit_supervised(model, dl, bce, opt, epochs=int(epochs), max_steps=max_steps,
+                             desc=desc or f"fine-tune {site.name}", progress=False)
+    return Probabilities(model).eval(), len(history)
