@@ -108,18 +108,30 @@ def _torch_export(module: nn.Module, example: torch.Tensor, path: Path, output_n
 
 
 def write_metadata(path: str | Path, metadata: dict[str, str], doc_string: str) -> None:
-    """Replace the ``raycxr.*`` entries of ``metadata_props`` (other keys are kept) and the doc string."""
+    """Replace the ``raycxr.*`` entries of ``metadata_props`` (other keys are kept) and the doc string.
+
+    Also stores the integrity digests the runtime checks at load (``raycxr.weights_sha256`` over the
+    graph as serialized in this file, ``raycxr.metadata_sha256`` over the other ``raycxr.*`` keys;
+    :func:`raycxr_runtime.contract.graph_digest`), and reads the file back to confirm them."""
     import onnx
 
     model = onnx.load(str(path))
     kept = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(META_PREFIX)]
+    skip = {META_PREFIX + k for k in contract.DIGEST_KEYS}
+    meta = {k: str(v) for k, v in metadata.items() if k not in skip}
+    # the graph's bytes do not depend on the metadata, so the digest of this serialization is the file's
+    meta[META_PREFIX + contract.WEIGHTS_DIGEST] = contract.graph_digest(model.SerializeToString())
+    meta[META_PREFIX + contract.METADATA_DIGEST] = contract.metadata_digest(meta)
     del model.metadata_props[:]
-    for key, value in [*kept, *metadata.items()]:
+    for key, value in [*kept, *meta.items()]:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
     model.doc_string = doc_string
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+    written = contract.graph_digest(Path(path).read_bytes())
+    if written != meta[META_PREFIX + contract.WEIGHTS_DIGEST]:
+        raise RuntimeError(f"{path}: the graph digest of the written file differs from the one stored in it")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -346,7 +346,7 @@ def test_http_service(server, model, files, caplog):
     status, headers, body = call(f"{server}/predict")
     assert status == 405 and headers["Allow"] == "POST"
     status, headers, body = call(f"{server}/health", "POST", b"{}", {"Content-Type": "application/json"})
-    assert status == 405 and headers["Allow"] == "GET"
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
 
     phi = open(files["phi"][0], "rb").read()
     status, _, body = call(f"{server}/predict", "POST", phi, {"Content-Type": "application/dicom",
@@ -355,3 +355,155 @@ def test_http_service(server, model, files, caplog):
     assert "POST /predict -> 200 (req-phi)" in caplog.text
     for identifier in PHI:
         assert identifier not in json.dumps(body) and identifier not in caplog.text
+
+
+# ----------------------------------------------------------------------------------- issue 11: CLI robustness
+
+
+def test_cli_out_into_a_missing_folder_fails_before_scoring(exported, files, tmp_path, capsys, monkeypatch):
+    scored = []
+    monkeypatch.setattr(Model, "predict", lambda self, x: scored.append(len(x)) or np.zeros((len(x), 1)))
+    assert main(["--model", str(exported[1]), files["nih"][0], "--out", str(tmp_path / "nope" / "r.json")]) == 2
+    assert "cannot write" in capsys.readouterr().err and scored == [1]  # only the load-time probe ran
+
+
+def test_cli_keeps_what_it_scored_when_the_run_fails(exported, files, tmp_path, capsys, monkeypatch):
+    real, calls = Model.predict, []
+
+    def flaky(self, x):
+        calls.append(len(x))
+        if len(calls) == 3:  # the second batch (call 1 is the load-time probe)
+            raise MemoryError("Unable to allocate 6.71 GiB")
+        return real(self, x)
+
+    monkeypatch.setattr(Model, "predict", flaky)
+    paths = [*files["nih"], *files["vindr"]]
+    for out in ("r.json", "r.jsonl", "r.csv"):
+        calls.clear()
+        assert main(["--model", str(exported[1]), *paths, "--out", str(tmp_path / out), "--batch-size", "2",
+                     "-q"]) == 1
+        assert "stopped after 2 of 4 file(s): MemoryError" in capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())  # still valid JSON
+    assert [r["status"] for r in report["results"]] == ["scored", "scored"]
+    assert report["complete"] is False and "MemoryError" in report["error"]
+    assert report["summary"] == {"scored": 2, "flagged": 0, "error": 0}
+    lines = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert "model" in lines[0] and [x["status"] for x in lines[1:3]] == ["scored", "scored"]
+    assert lines[-1]["complete"] is False
+    assert len(list(csv.DictReader(open(tmp_path / "r.csv")))) == 2
+
+
+class FakePanic(BaseException):
+    """Stands in for pyo3's PanicException (a BaseException)."""
+
+
+def test_cli_bomb_and_a_panicking_reader_fail_their_file_only(exported, files, tmp_path, monkeypatch, capsys):
+    import raycxr_runtime.inference as inference
+    from test_pixel_budget import rle_dicom
+
+    bomb = rle_dicom(tmp_path / "bomb.dcm", 30000, 30000)
+    real = inference.read_image
+
+    def reader(path, **kw):
+        if "vindr" in str(path):
+            raise FakePanic("panicked at 'attempt to multiply with overflow'")
+        return real(path, **kw)
+
+    monkeypatch.setattr(inference, "read_image", reader)
+    out = tmp_path / "r.json"
+    assert main(["--model", str(exported[1]), files["nih"][0], str(bomb), files["vindr"][0], files["nih"][1],
+                 "--out", str(out), "-q"]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["status"] for r in results] == ["scored", "error", "error", "scored"]
+    assert "over the pixel budget: declares 30000x30000" in results[1]["warnings"][-1]
+    assert results[2]["warnings"][-1].startswith("reading the image failed: FakePanic: panicked at")
+
+
+def test_cli_isolated_workers_give_the_same_results(exported, files, tmp_path):
+    from test_pixel_budget import rle_dicom
+
+    bomb = str(rle_dicom(tmp_path / "bomb.dcm", 30000, 30000))
+    paths = [files["nih"][0], bomb, files["ct"], files["png"], files["garbage"]]
+    assert main(["--model", str(exported[1]), *paths, "--out", str(tmp_path / "a.json"), "-q"]) == 0
+    assert main(["--model", str(exported[1]), *paths, "--out", str(tmp_path / "b.json"), "-q", "--workers", "2"]) == 0
+    a, b = (json.loads((tmp_path / f).read_text())["results"] for f in ("a.json", "b.json"))
+    assert a == b and [r["status"] for r in a] == ["scored", "error", "flagged", "scored", "error"]
+
+
+# ----------------------------------------------------------------------------------- issue 11: model integrity
+
+
+def test_flipped_bytes_and_edited_metadata_are_refused(exported, tmp_path):
+    from raycxr.export import write_metadata
+
+    data = bytearray(exported[1].read_bytes())
+    mid = len(data) // 2  # inside the weights
+    data[mid:mid + 2000] = bytes(b ^ 0x5A for b in data[mid:mid + 2000])
+    (tmp_path / "flipped.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"flipped\.onnx: integrity check failed: the weights/graph digest"):
+        Model(tmp_path / "flipped.onnx")
+    m = onnx.load(str(exported[1]))
+    for p in m.metadata_props:
+        if p.key == "raycxr.thresholds":
+            p.value = json.dumps([0.01] * len(json.loads(p.value)))
+    onnx.save(m, str(tmp_path / "edited.onnx"))
+    with pytest.raises(ModelError, match="metadata .* was changed after export"):
+        Model(tmp_path / "edited.onnx")
+    for p in list(m.metadata_props):
+        if p.key in ("raycxr.weights_sha256", "raycxr.metadata_sha256"):
+            m.metadata_props.remove(p)
+    onnx.save(m, str(tmp_path / "old.onnx"))
+    with pytest.raises(ModelError, match="no integrity digest .*re-export"):
+        Model(tmp_path / "old.onnx")
+    assert not Model(tmp_path / "old.onnx", verify=False).verified  # explicitly allowed
+    good = Model(exported[1])
+    assert good.verified and good.info()["verified"] is True
+    meta = {p.key: p.value for p in onnx.load(str(exported[1])).metadata_props}
+    write_metadata(tmp_path / "old.onnx", meta, "re-exported")  # the exporter's writer stores fresh digests
+    assert Model(tmp_path / "old.onnx").verified
+
+
+def tiny_classifier(path, n_out, classes, expr="sigmoid"):
+    """A real ONNX classifier graph (onnx.helper) with raycxr metadata, whose output is chosen by the test."""
+    from onnx import TensorProto, helper
+
+    from raycxr.export import write_metadata
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [64 * 64, n_out], np.full(64 * 64 * n_out, 1e-3, np.float32))
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logit"])]
+    if expr == "nan":  # 0 / 0
+        nodes += [helper.make_node("Sub", ["logit", "logit"], ["zero"]),
+                  helper.make_node("Div", ["zero", "zero"], ["probabilities"])]
+    else:
+        nodes += [helper.make_node("Sigmoid", ["logit"], ["probabilities"])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                            ["batch", 1, 64, 64])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", "c"])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    write_metadata(path, {"raycxr.kind": "classifier", "raycxr.class_names": json.dumps(classes),
+                          "raycxr.input_size": "64", "raycxr.model_version": "tiny-1",
+                          "raycxr.thresholds": json.dumps([0.5] * len(classes))}, "tiny")
+    return path
+
+
+def test_nan_outputs_give_error_status_and_valid_json(files, tmp_path):
+    path = tiny_classifier(tmp_path / "nan.onnx", 2, ["A", "B"], expr="nan")
+    out = tmp_path / "r.json"
+    assert main(["--model", str(path), files["nih"][0], files["png"], "--out", str(out), "-q"]) == 0
+    text = out.read_text()
+
+    def no_constants(name):
+        raise AssertionError(f"invalid JSON constant {name}")
+
+    report = json.loads(text, parse_constant=no_constants)
+    assert [r["status"] for r in report["results"]] == ["error", "error"]
+    assert all(r["probabilities"] is None for r in report["results"])
+    assert "non-finite probabilities (NaN or inf) for 2 class(es) (A, B)" in report["results"][0]["warnings"][-1]
+
+
+def test_output_width_other_than_the_class_count_is_refused(tmp_path):
+    tiny_classifier(tmp_path / "ok.onnx", 3, ["A", "B", "C"])
+    assert Model(tmp_path / "ok.onnx").predict(np.zeros((2, 1, 64, 64), np.float32)).shape == (2, 3)
+    tiny_classifier(tmp_path / "wide.onnx", 4, ["A", "B", "C"])
+    with pytest.raises(ModelError, match=r"wide\.onnx: output 'probabilities' has shape \[1, 4\] .*expected \[1, 3\]"):
+        Model(tmp_path / "wide.onnx")
