@@ -102,7 +102,7 @@ def test_budget_is_configurable_and_covers_rasters(tmp_path):
     Image.fromarray(np.zeros((300, 200), np.uint8)).save(png)
     with pytest.raises(ImageReadError, match="over the pixel budget: declares 300x200"):
         read_image(png, budget=PixelBudget(max_pixels=50_000))
-    code = "from raycxr_runtime.readers import read_image; read_image(r'%s')" % dcm
+    code = f"from raycxr_runtime.readers import read_image; read_image(r'{dcm}')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "RAYCXR_MAX_PIXELS": "5000"})
     assert proc.returncode != 0 and "over the pixel budget" in proc.stderr

@@ -398,8 +398,9 @@ class FakePanic(BaseException):
 
 
 def test_cli_bomb_and_a_panicking_reader_fail_their_file_only(exported, files, tmp_path, monkeypatch, capsys):
-    import raycxr_runtime.inference as inference
     from test_pixel_budget import rle_dicom
+
+    import raycxr_runtime.inference as inference
 
     bomb = rle_dicom(tmp_path / "bomb.dcm", 30000, 30000)
     real = inference.read_image
@@ -507,3 +508,174 @@ def test_output_width_other_than_the_class_count_is_refused(tmp_path):
     tiny_classifier(tmp_path / "wide.onnx", 4, ["A", "B", "C"])
     with pytest.raises(ModelError, match=r"wide\.onnx: output 'probabilities' has shape \[1, 4\] .*expected \[1, 3\]"):
         Model(tmp_path / "wide.onnx")
+
+
+# ----------------------------------------------------------------------------------- issue 11: the HTTP layer
+
+
+def raw_http(port, data, *, read_for=10.0, pause_after=None):
+    """Write raw bytes to the service and read until it closes the connection (or ``read_for`` passes)."""
+    import socket
+    import time
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=read_for)
+    try:
+        s.sendall(data)
+        if pause_after is not None:
+            time.sleep(pause_after)
+        out, deadline = b"", time.monotonic() + read_for
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def port_of(url):
+    return int(url.rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def strict_server(model):
+    """Short timeouts and one upload at a time, for the stall / queue cases."""
+    srv = make_server(model, host="127.0.0.1", port=0, max_bytes=MAX_BYTES, decode_workers=1, max_inflight=1,
+                      body_timeout=2.0, queue_timeout=0.5, header_timeout=1.0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    thread.join(10)
+    srv.server_close()
+
+
+def test_http_leftover_body_bytes_never_reach_logs_or_answers(server, files, caplog):
+    """Content-Length smaller than the body on a keep-alive connection: the rest (DICOM elements with
+    the patient ID) is parsed as a new request. The old server logged and echoed it."""
+    caplog.set_level(logging.DEBUG)
+    body = open(files["phi"][0], "rb").read()
+    at = body.index(PHI[2].encode())  # the PatientID value
+    cut = at - 8  # the leftover starts in the patient module
+    req = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\nConnection: keep-alive\r\n"
+           b"Content-Length: " + str(cut).encode() + b"\r\n\r\n" + body)
+    answer = raw_http(port_of(server), req)
+    assert answer.startswith(b"HTTP/1.1 422") and b"HTTP/1.1 400" in answer  # truncated file, then the leftover
+    for identifier in PHI:
+        assert identifier.encode() not in answer and identifier not in caplog.text
+    assert "MRN" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_http_unicode_names_and_malformed_requests(server, files, caplog):
+    caplog.set_level(logging.DEBUG)
+    dcm = open(files["nih"][0], "rb").read()
+    status, headers, body = call(f"{server}/predict?name=%C3%A9t%C3%A9%20%E2%9C%93", "POST", dcm,
+                                 {"Content-Type": "application/dicom"})
+    assert status == 200 and body["input"] == "été ✓" and headers["X-Request-Id"] == "%C3%A9t%C3%A9%20%E2%9C%93"
+    req = (b"POST /predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/dicom\r\n"
+           b"X-Request-Id: " + "ordre-é".encode() + b"\r\nContent-Length: " + str(len(dcm)).encode() + b"\r\n\r\n"
+           + dcm)
+    answer = raw_http(port_of(server), req)
+    assert answer.startswith(b"HTTP/1.1 200") and '"input": "ordre-é"'.encode() in answer
+    for line in (b"GET\r\n\r\n", b"GET /health\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+                 b"GET /health HTTP/1.1 extra\r\n\r\n", "GET /h\u00e9alth HTTP/1.1\r\n\r\n".encode()):
+        answer = raw_http(port_of(server), line)
+        assert answer.startswith(b"HTTP/1.1 400"), (line, answer[:80])
+        assert line.split(b"\r\n")[0] not in answer  # the request line is not echoed
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_http_head_trace_and_temp_paths(server, caplog):
+    answer = raw_http(port_of(server), b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-length: " in head.lower() and rest == b""
+    status, headers, body = call(f"{server}/health", "TRACE")
+    assert status == 405 and headers["Content-Type"].startswith("application/json") and headers["Allow"] == "GET, HEAD"
+    for data, ctype in [(b"garbage" * 50, "application/dicom"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image/png"),
+                        (b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff", "application/octet-stream"),
+                        (b"<?xml version='1.0'?><x/>", "application/octet-stream")]:
+        status, _, body = call(f"{server}/predict", "POST", data, {"Content-Type": ctype})
+        text = json.dumps(body)
+        assert status == 422 and "raycxr-" not in text and "/tmp" not in text and "upload." not in text, text
+
+
+def test_http_stalled_body_gets_408_and_half_open_connections_are_quiet(strict_server, caplog):
+    import socket
+    import time
+
+    caplog.set_level(logging.DEBUG)
+    port = port_of(strict_server)
+    t = time.monotonic()
+    answer = raw_http(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+                            b"Content-Length: 5000\r\n\r\n" + b"\0" * 100)
+    assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer and time.monotonic() - t < 8
+    socks = []
+    for i in range(40):  # half-open: half a request line, half a body, then dropped
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /hea" if i % 2 else b"POST /predict HTTP/1.1\r\nContent-Length: 900\r\n\r\nabc")
+        socks.append(s)
+    for s in socks[::2]:
+        s.close()
+    time.sleep(3.0)  # past the header and body timeouts
+    closed = 0
+    for s in socks[1::2]:  # the server closed the ones it was waiting on
+        s.settimeout(3)
+        try:
+            closed += s.recv(10) == b""
+        except (ConnectionResetError, TimeoutError):
+            pass
+        s.close()
+    assert closed == 20
+    assert call(f"{strict_server}/health")[0] == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_http_uploads_are_bounded(strict_server, files, tmp_path):
+    """One upload at a time here: a second one waits for the queue timeout, then gets 503; the 14 MB
+    bomb is over this server's body limit (413)."""
+    import socket
+
+    from test_pixel_budget import rle_dicom
+
+    port = port_of(strict_server)
+    hold = socket.create_connection(("127.0.0.1", port))
+    hold.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+                 b"Content-Length: 900\r\n\r\nab")
+    import time
+
+    time.sleep(0.3)
+    status, headers, body = call(f"{strict_server}/predict", "POST", open(files["nih"][0], "rb").read(),
+                                 {"Content-Type": "application/dicom"})
+    assert status == 503 and headers["Retry-After"] == "5"
+    hold.close()
+    time.sleep(0.5)
+    bomb = rle_dicom(tmp_path / "bomb.dcm", 30000, 30000).read_bytes()
+    assert len(bomb) > MAX_BYTES  # over this server's body limit: 413 before anything is read
+    status, _, body = call(f"{strict_server}/predict", "POST", bomb, {"Content-Type": "application/dicom"})
+    assert status == 413
+
+
+def test_http_bombs_under_the_body_limit_are_refused_from_the_header(server, files, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_pixel_budget import rle_dicom
+
+    # 16-bit, 3 samples: declares 20000 x 20000 x 3 x 2 bytes = 2.2 GiB, file a few hundred kB
+    bomb = rle_dicom(tmp_path / "bomb.dcm", 2000, 2000)
+    ds = pydicom.dcmread(bomb)
+    ds.Rows = ds.Columns = 20000
+    ds.save_as(tmp_path / "bomb2.dcm")
+    data = (tmp_path / "bomb2.dcm").read_bytes()
+    assert len(data) < MAX_BYTES
+    with ThreadPoolExecutor(2) as ex:
+        answers = list(ex.map(lambda _: call(f"{server}/predict", "POST", data, {"Content-Type": "application/dicom"}),
+                              range(2)))
+    for status, _, body in answers:
+        assert status == 422 and "over the pixel budget" in body["error"]
+    assert call(f"{server}/health")[0] == 200
