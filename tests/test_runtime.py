@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -679,3 +680,109 @@ def test_http_bombs_under_the_body_limit_are_refused_from_the_header(server, fil
     for status, _, body in answers:
         assert status == 422 and "over the pixel budget" in body["error"]
     assert call(f"{server}/health")[0] == 200
+
+
+# ----------------------------------------------------------------------------------- DICOM SR and the DICOM node
+
+
+def check_sr(sr, source_path, model, expected):
+    """The SR references the source's study / series / instance, copies its patient module, and holds
+    per finding the probability, the threshold and the decision, and the model version."""
+    hd = pytest.importorskip("highdicom")
+    src = pydicom.dcmread(source_path, stop_before_pixels=True)
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == src.StudyInstanceUID
+    assert sr.SeriesInstanceUID != src.SeriesInstanceUID and sr.SOPInstanceUID != src.SOPInstanceUID
+    assert (sr.PatientID, sr.PatientName) == (src.PatientID, src.PatientName)  # same patient, for the PACS
+    ev = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert ev.StudyInstanceUID == src.StudyInstanceUID
+    ref = ev.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == src.SeriesInstanceUID
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    parsed = hd.sr.ComprehensiveSR.from_dataset(sr)
+    report = hd.sr.MeasurementReport.from_sequence([parsed])  # the SR's root container
+    found = {}
+    for g in report.get_image_measurement_groups():
+        name = g.finding_type.meaning
+        values = {m.name.meaning: m.value for m in g.get_measurements()}
+        decision = g.get_qualitative_evaluations()[0].value.meaning
+        texts = {i.ConceptNameCodeSequence[0].CodeMeaning: i.get("TextValue") for i in g[0].ContentSequence}
+        assert texts["Algorithm Version"] == model.model_version
+        assert g.source_images[0].referenced_sop_instance_uid == src.SOPInstanceUID
+        found[name] = (values["Probability of finding"], values["Decision threshold"], decision)
+    assert set(found) == set(model.class_names)
+    for c, t in zip(model.class_names, model.thresholds):
+        p, thr, decision = found[c]
+        assert p == pytest.approx(expected.probabilities[c], abs=1e-6) and thr == pytest.approx(t)
+        assert decision == ("Present" if c in expected.findings else "Absent")
+
+
+def test_sr_from_the_cli_and_the_service(exported, model, files, tmp_path, server, caplog, capsys):
+    pytest.importorskip("highdicom")
+    caplog.set_level(logging.DEBUG)
+    src = files["phi"][0]
+    expected = Predictor(model).predict_file(src)
+    assert main(["--model", str(exported[1]), src, files["ct"], files["png"], "--sr-dir", str(tmp_path / "sr"),
+                 "--out", str(tmp_path / "r.json"), "-vv"]) == 0
+    written = list((tmp_path / "sr").iterdir())
+    assert len(written) == 1  # the scored DICOM; the CT is flagged and the PNG has no UIDs to reference
+    check_sr(pydicom.dcmread(written[0]), src, model, expected)
+    req = urllib.request.Request(f"{server}/predict?format=sr", data=open(src, "rb").read(), method="POST",
+                                 headers={"Content-Type": "application/dicom", "X-Request-Id": "sr-1"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        status, ctype, data = r.status, r.headers["Content-Type"], r.read()
+    assert status == 200 and ctype == "application/dicom"
+    import io
+
+    check_sr(pydicom.dcmread(io.BytesIO(data)), src, model, expected)
+    status, _, body = call(f"{server}/predict?format=sr", "POST", open(files["ct"], "rb").read(),
+                           {"Content-Type": "application/dicom"})
+    assert status == 422 and "no structured report: the image was not scored (flagged)" in body["error"]
+    captured = capsys.readouterr()
+    for identifier in PHI:  # the SR carries the patient module; logs and JSON never do
+        assert identifier not in caplog.text + captured.err + (tmp_path / "r.json").read_text()
+
+
+def test_dicom_node_scores_received_images_and_sends_the_sr(model, files, caplog):
+    pytest.importorskip("pynetdicom")
+    caplog.set_level(logging.INFO)
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage, DigitalXRayImageStorageForPresentation
+
+    from raycxr_runtime.dicom_node import Destination, DicomNode
+
+    received = []
+
+    def on_store(event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    pacs = AE(ae_title="TESTPACS")
+    pacs.add_supported_context(ComprehensiveSRStorage)
+    pacs_server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    node = DicomNode(model, ae_title="RAYCXR", host="127.0.0.1", port=0,
+                     destination=Destination("127.0.0.1", pacs_server.server_address[1], "TESTPACS"))
+    try:
+        scu = AE(ae_title="MODALITY")
+        scu.add_requested_context(DigitalXRayImageStorageForPresentation, pydicom.dcmread(files["phi"][0]).file_meta
+                                  .TransferSyntaxUID)
+        scu.add_requested_context(pydicom.uid.CTImageStorage, pydicom.dcmread(files["ct"]).file_meta.TransferSyntaxUID)
+        assoc = scu.associate("127.0.0.1", node.port, ae_title="RAYCXR")
+        assert assoc.is_established
+        for path in (files["phi"][0], files["ct"]):
+            assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+        assoc.release()
+        assert node.wait_idle(120)
+        deadline = time.monotonic() + 30
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        node.close()
+        pacs_server.shutdown()
+    assert node.stats == {"received": 2, "scored": 1, "sr_sent": 1, "sr_failed": 0, "not_scored": 1}
+    assert len(received) == 1  # the CT was flagged: no SR
+    check_sr(received[0], files["phi"][0], model, Predictor(model).predict_file(files["phi"][0]))
+    assert "image #1: scored, SR sent to TESTPACS" in caplog.text and "image #2: flagged, no SR" in caplog.text
+    for identifier in PHI:
+        assert identifier not in caplog.text
