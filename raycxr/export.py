@@ -532,6 +532,8 @@ def export_onnx(cfg: DictConfig) -> dict[str, Any]:
                    "thresholds_summary": thr_summary, "training_sites_missing": missing_sites})
     if cfg.int8:
         result["int8"] = _int8(cfg, out, sites, names, size, batch)
+    if cfg.get("bundle"):
+        result["bundle"] = str(_bundle(out, result, str(cfg.get("bundle_version") or "0.1.0")))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "export.json").write_text(json.dumps(result, indent=2, default=_json_default, allow_nan=False))
     print_summary(result)
@@ -568,6 +570,17 @@ def _int8(cfg: DictConfig, out: Path, sites: dict[str, SiteConfig], names: list[
     return {**info, "auc_split": "test", "sites": auc,
             "mean_auc_delta": float(np.mean(deltas)) if deltas else None,
             "max_abs_auc_delta": float(np.max(np.abs(deltas))) if deltas else None}
+
+
+def _bundle(out: Path, result: dict[str, Any], version: str) -> Path:
+    """``bundle=true``: ``out/bundle`` as a MONAI Bundle (see :mod:`raycxr.bundle`)."""
+    from .bundle import model_card, write_bundle
+
+    meta = read_metadata(out / "classifier.onnx")
+    readme = Path(__file__).resolve().parents[1] / "deploy" / "README.md"
+    card = model_card(meta, readme.read_text() if readme.is_file() else None)
+    parity = result["parity"]["classifier"]["max_abs_diff"]
+    return write_bundle(out / "bundle", out / "classifier.onnx", meta, card, version=version, parity=parity)
 
 
 def _json_default(o: Any) -> Any:
