@@ -786,3 +786,17 @@ def test_dicom_node_scores_received_images_and_sends_the_sr(model, files, caplog
     assert "image #1: scored, SR sent to TESTPACS" in caplog.text and "image #2: flagged, no SR" in caplog.text
     for identifier in PHI:
         assert identifier not in caplog.text
+
+
+def test_openvino_backend_gives_the_same_results(exported, model, files):
+    pytest.importorskip("openvino")
+    ov = Model(exported[1], threads=2, backend="openvino")
+    assert ov.backend == "openvino" and ov.verified
+    paths = [*files["nih"], *files["vindr"], files["png"], files["chexpert_frontal"]]
+    a = Predictor(model, batch_size=3).predict_files(paths)
+    b = Predictor(ov, batch_size=3).predict_files(paths)
+    assert [r.status for r in b] == ["scored"] * len(paths)
+    pa = np.array([[r.probabilities[c] for c in model.class_names] for r in a])
+    pb = np.array([[r.probabilities[c] for c in model.class_names] for r in b])
+    assert np.abs(pa - pb).max() <= 1e-4 and pa.std(0).max() > 1e-3
+    assert main(["--model", str(exported[1]), "--backend", "openvino", files["nih"][0], "-q"]) == 0
