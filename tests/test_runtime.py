@@ -428,8 +428,11 @@ def test_cli_isolated_workers_give_the_same_results(exported, files, tmp_path):
     paths = [files["nih"][0], bomb, files["ct"], files["png"], files["garbage"]]
     assert main(["--model", str(exported[1]), *paths, "--out", str(tmp_path / "a.json"), "-q"]) == 0
     assert main(["--model", str(exported[1]), *paths, "--out", str(tmp_path / "b.json"), "-q", "--workers", "2"]) == 0
-    a, b = (json.loads((tmp_path / f).read_text())["results"] for f in ("a.json", "b.json"))
-    assert a == b and [r["status"] for r in a] == ["scored", "error", "flagged", "scored", "error"]
+    proc = subprocess.run([sys.executable, "-m", "raycxr_runtime", "--model", str(exported[1]), *paths, "--workers",
+                           "2", "--out", str(tmp_path / "c.json"), "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # `python -m` with spawned workers
+    a, b, c = (json.loads((tmp_path / f).read_text())["results"] for f in ("a.json", "b.json", "c.json"))
+    assert a == b == c and [r["status"] for r in a] == ["scored", "error", "flagged", "scored", "error"]
 
 
 # ----------------------------------------------------------------------------------- issue 11: model integrity
