@@ -63,7 +63,10 @@ class _OpenVinoBackend:
 
         core = ov.Core()
         # f32: on CPUs with AMX / AVX512-BF16 OpenVINO otherwise runs float32 graphs in bf16 (1e-3 off)
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        # no CPU pinning: OpenVINO would otherwise pin the process's threads, and PyTorch / onnxruntime / the
+        # decode workers sharing the cores then ran up to 10x slower in the benchmark
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+                                  "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
