@@ -109,18 +109,30 @@ def _torch_export(module: nn.Module, example: torch.Tensor, path: Path, output_n
 
 
 def write_metadata(path: str | Path, metadata: dict[str, str], doc_string: str) -> None:
-    """Replace the ``raycxr.*`` entries of ``metadata_props`` (other keys are kept) and the doc string."""
+    """Replace the ``raycxr.*`` entries of ``metadata_props`` (other keys are kept) and the doc string.
+
+    Also stores the integrity digests the runtime checks at load (``raycxr.weights_sha256`` over the
+    graph as serialized in this file, ``raycxr.metadata_sha256`` over the other ``raycxr.*`` keys;
+    :func:`raycxr_runtime.contract.graph_digest`), and reads the file back to confirm them."""
     import onnx
 
     model = onnx.load(str(path))
     kept = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(META_PREFIX)]
+    skip = {META_PREFIX + k for k in contract.DIGEST_KEYS}
+    meta = {k: str(v) for k, v in metadata.items() if k not in skip}
+    # the graph's bytes do not depend on the metadata, so the digest of this serialization is the file's
+    meta[META_PREFIX + contract.WEIGHTS_DIGEST] = contract.graph_digest(model.SerializeToString())
+    meta[META_PREFIX + contract.METADATA_DIGEST] = contract.metadata_digest(meta)
     del model.metadata_props[:]
-    for key, value in [*kept, *metadata.items()]:
+    for key, value in [*kept, *meta.items()]:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
     model.doc_string = doc_string
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+    written = contract.graph_digest(Path(path).read_bytes())
+    if written != meta[META_PREFIX + contract.WEIGHTS_DIGEST]:
+        raise RuntimeError(f"{path}: the graph digest of the written file differs from the one stored in it")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -515,6 +527,8 @@ def export_onnx(cfg: DictConfig) -> dict[str, Any]:
                    "thresholds_summary": thr_summary, "training_sites_missing": missing_sites})
     if cfg.int8:
         result["int8"] = _int8(cfg, out, sites, names, size, batch)
+    if cfg.get("bundle"):
+        result["bundle"] = str(_bundle(out, result, str(cfg.get("bundle_version") or "0.1.0")))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "export.json").write_text(json.dumps(result, indent=2, default=_json_default, allow_nan=False))
     print_summary(result)
@@ -551,6 +565,17 @@ def _int8(cfg: DictConfig, out: Path, sites: dict[str, SiteConfig], names: list[
     return {**info, "auc_split": "test", "sites": auc,
             "mean_auc_delta": float(np.mean(deltas)) if deltas else None,
             "max_abs_auc_delta": float(np.max(np.abs(deltas))) if deltas else None}
+
+
+def _bundle(out: Path, result: dict[str, Any], version: str) -> Path:
+    """``bundle=true``: ``out/bundle`` as a MONAI Bundle (see :mod:`raycxr.bundle`)."""
+    from .bundle import model_card, write_bundle
+
+    meta = read_metadata(out / "classifier.onnx")
+    readme = Path(__file__).resolve().parents[1] / "deploy" / "README.md"
+    card = model_card(meta, readme.read_text() if readme.is_file() else None)
+    parity = result["parity"]["classifier"]["max_abs_diff"]
+    return write_bundle(out / "bundle", out / "classifier.onnx", meta, card, version=version, parity=parity)
 
 
 def _json_default(o: Any) -> Any:

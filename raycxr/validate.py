@@ -2,6 +2,11 @@
 
 Files that are missing or unreadable go to the site's quarantine with the reason; validation
 reports them and the site stays usable (training skips them), so nothing is lost silently.
+
+Images are read in worker processes (:class:`raycxr_runtime.isolate.IsolatedPool`): a decoder
+that kills its worker (a Rust ``PanicException``, a segfault, the OOM killer) or runs past
+``image_timeout`` quarantines that one file with the reason, and the run goes on. The
+``multiprocessing.Pool`` used before waited forever for a dead worker's result.
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ from typing import Any
 
 from tqdm import tqdm
 
+from raycxr_runtime.isolate import IsolatedPool
+
 from .manifest import ManifestError
 from .quarantine import Quarantine
 from .readers import ImageReadError, read_image
 from .sites.config import SiteConfig
 
+IMAGE_TIMEOUT = 120.0  # seconds one image may take to decode before it is given up as failed
 
-def _try_read(args: tuple[str, str, str]) -> tuple[str, str, str | None]:
-    image_id, rel, full = args
+
+def _try_read(image_id: str, rel: str, full: str) -> tuple[str, str, str | None]:
     try:
         read_image(full)
         return image_id, rel, None
@@ -27,15 +35,20 @@ def _try_read(args: tuple[str, str, str]) -> tuple[str, str, str | None]:
         return image_id, rel, e.reason
 
 
-def validate_site(site: SiteConfig, *, check_images: bool = False, workers: int = 2,
-                  progress: bool = True) -> dict[str, Any]:
+def validate_site(site: SiteConfig, *, check_images: bool = False, workers: int = 2, progress: bool = True,
+                  image_timeout: float | None = IMAGE_TIMEOUT) -> dict[str, Any]:
     """Return ``{"ok", "message", "images", "quarantined"}``; quarantine what cannot be read."""
     try:
         manifest = site.load_manifest()
     except (ManifestError, FileNotFoundError) as e:
         return {"ok": False, "message": str(e), "images": 0, "quarantined": 0}
-    q = Quarantine(site.quarantine_path, site=site.name)
     df = manifest.to_pandas()
+    wrong = sorted(set(df["site"]) - {site.name})
+    if wrong:  # a copied site: training looks rows up by the YAML's name and would fail with a KeyError
+        return {"ok": False, "images": len(df), "quarantined": 0,
+                "message": f"manifest {site.manifest_path} names site(s) {wrong}, but this site is '{site.name}': "
+                           f"run `raycxr sites build {site.name}` to rewrite it under its own name"}
+    q = Quarantine(site.quarantine_path, site=site.name)
     jobs = []
     missing = 0
     for image_id, rel in zip(df["image_id"], df["path"]):
@@ -47,10 +60,13 @@ def validate_site(site: SiteConfig, *, check_images: bool = False, workers: int 
             jobs.append((image_id, rel, str(full)))
     unreadable = 0
     if jobs:
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        with ctx.Pool(max(1, workers)) as pool:
-            for image_id, rel, reason in tqdm(pool.imap_unordered(_try_read, jobs, chunksize=16), total=len(jobs),
-                                              desc=f"read {site.name}", disable=not progress):
+        # fork: starts fast and the workers share the parent's imports; spawn where fork is absent
+        ctx = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with IsolatedPool(f"{__name__}:_try_read", workers=max(1, workers), timeout=image_timeout,
+                          context=ctx) as pool:
+            for (image_id, rel, _), out in tqdm(zip(jobs, pool.imap(jobs)), total=len(jobs),
+                                                desc=f"read {site.name}", disable=not progress):
+                reason = out.value[2] if out.ok else f"reading failed: {out.error}"
                 if reason is not None:
                     q.record(image_id, rel, reason)
                     unreadable += 1

@@ -50,6 +50,13 @@ def _encoded(fmt: str) -> bytes:
 PNG, JPEG = _encoded("PNG"), _encoded("JPEG")
 
 
+def _distinct(fmt: str, k: int) -> bytes:
+    """Stand-in image number ``k``: different pixels per k (folder / generic_csv drop exact duplicates)."""
+    buf = io.BytesIO()
+    Image.fromarray(((np.arange(64) * (k + 1)) % 251).astype(np.uint8).reshape(8, 8), mode="L").save(buf, format=fmt)
+    return buf.getvalue()
+
+
 def _touch(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -604,8 +611,8 @@ def test_generic_csv_label_columns(tmp_path: Path) -> None:
                      "Effusion": values[k % 6], "Nodule": values[(k + 2) % 6], "note": f"report {k}"})
     table = pd.DataFrame(rows)
     table.to_csv(tmp_path / "export.csv", index=False)
-    for r in rows[:-3]:
-        _touch(tmp_path / r["file"], PNG)
+    for k, r in enumerate(rows[:-3]):
+        _touch(tmp_path / r["file"], _distinct("PNG", k))
     opts = {"csv": "export.csv", "path_col": "file", "patient_col": "pid", "sex_col": "Sex", "age_col": "Age",
             "view_col": "View", "report_col": "note", "label_cols": ["Effusion", "Nodule"]}
     res = get_adapter("generic_csv").build(tmp_path, "hosp", **opts)
@@ -642,8 +649,8 @@ def test_generic_csv_joined_labels(tmp_path: Path) -> None:
     # The export's own split column, one split per patient ("valid" is read as "val").
     table["split"] = table["patient_id"].map({"p0": "train", "p1": "valid", "p2": "test", "p3": "train"})
     table.to_csv(tmp_path / "labels.csv", index=False)
-    for p in table["path"]:
-        _touch(tmp_path / p, PNG)
+    for k, p in enumerate(table["path"]):
+        _touch(tmp_path / p, _distinct("PNG", k))
     res = get_adapter("generic_csv").build(tmp_path, "h2", csv=tmp_path / "labels.csv",
                                            labels_col="Finding Labels", label_names=["Effusion", "Mass"],
                                            split_col="split")
@@ -664,7 +671,7 @@ def test_folder(tmp_path: Path) -> None:
     labelled = tmp_path / "labelled"
     for cls, n in (("NORMAL", 4), ("PNEUMONIA", 6)):
         for k in range(n):
-            _touch(labelled / cls / f"person{k}_img{k % 2}.jpeg", JPEG)
+            _touch(labelled / cls / f"person{k}_img{k % 2}.jpeg", _distinct("PNG", k + 10 * n))
     _touch(labelled / "stray.png", PNG)
     _touch(labelled / "NORMAL" / "notes.txt", b"not an image")
     res = get_adapter("folder").build(labelled, "folder_site", patient_regex=r"(?P<patient>person\d+)_")
@@ -684,8 +691,93 @@ def test_folder(tmp_path: Path) -> None:
 
     flat = tmp_path / "flat"
     for k in range(5):
-        _touch(flat / f"scan{k}.png", PNG)
+        _touch(flat / f"scan{k}.png", _distinct("PNG", k))
     res = get_adapter("folder").build(flat, "unlabelled")
     assert res.manifest.label_names == [] and len(res.manifest) == 5
     assert res.manifest.label_matrix().shape == (5, 0)
     assert sorted(res.manifest.to_pandas()["patient_id"]) == [f"scan{k}" for k in range(5)]
+
+
+# -- issue 11: header patients, duplicates and scope at build time (folder, generic_csv), copied sites ----------
+_pixel_seed = iter(range(1, 10_000))
+
+
+def _dicom(path: Path, rows: int = 8, cols: int = 8, pixels: bool = True, _plain=_dicom, **tags: str) -> None:
+    """As above, with pixels that differ from file to file (identical pixels are duplicates here)."""
+    _plain(path, rows, cols, pixels, **tags)
+    if pixels:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = ((np.arange(rows * cols) * next(_pixel_seed)) % 251).astype(np.uint8).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+
+
+def test_folder_patients_from_header_duplicates_and_scope(tmp_path: Path) -> None:
+    from raycxr.sites.adapters import hash_patient_id
+
+    root = tmp_path / "site"
+    _dicom(root / "PNEUMONIA" / "a.dcm", 16, 16, PatientID="MRN-1", BodyPartExamined="CHEST",
+           SOPInstanceUID="1.2.3.1")
+    for k in range(3):  # three copies of a.dcm under other names: one image, not four patients
+        (root / "NORMAL").mkdir(parents=True, exist_ok=True)
+        (root / "NORMAL" / f"copy{k}.dcm").write_bytes((root / "PNEUMONIA" / "a.dcm").read_bytes())
+    _dicom(root / "NORMAL" / "b.dcm", 16, 16, PatientID="MRN-1", SOPInstanceUID="1.2.3.2")  # same patient
+    _dicom(root / "NORMAL" / "c.dcm", 16, 16, PatientID="MRN-2", SOPInstanceUID="1.2.3.3")
+    _dicom(root / "NORMAL" / "hand.dcm", 16, 16, PatientID="MRN-3", BodyPartExamined="HAND",
+           SOPInstanceUID="1.2.3.4")  # an extremity CR
+    _dicom(root / "NORMAL" / "ct.dcm", 16, 16, PatientID="MRN-4", Modality="CT", SOPInstanceUID="1.2.3.5")
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(root / "NORMAL" / "p.png")
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(root / "PNEUMONIA" / "p_again.png")
+    res = get_adapter("folder").build(root, "folder_site")
+    df = res.manifest.to_pandas().set_index("image_id")
+    # the first in path order is kept: NORMAL/copy0.dcm
+    assert sorted(df.index) == ["NORMAL/b.dcm", "NORMAL/c.dcm", "NORMAL/copy0.dcm", "NORMAL/p.png"]
+    reasons = {d["image_id"]: d["reason"] for d in res.dropped}
+    for dup in ("NORMAL/copy1.dcm", "NORMAL/copy2.dcm", "PNEUMONIA/a.dcm"):
+        assert reasons[dup] == "duplicate of NORMAL/copy0.dcm (same SOPInstanceUID)"
+    assert reasons["PNEUMONIA/p_again.png"] == "duplicate of NORMAL/p.png (same pixels)"
+    assert reasons["NORMAL/hand.dcm"] == "out of scope: not a chest radiograph: BodyPartExamined 'HAND'"
+    assert reasons["NORMAL/ct.dcm"].startswith("out of scope: not a chest radiograph: Modality 'CT'")
+    # the patient is the header's, hashed: a.dcm and b.dcm are one patient in one split
+    assert df.loc["NORMAL/copy0.dcm", "patient_id"] == df.loc["NORMAL/b.dcm", "patient_id"] == hash_patient_id("MRN-1")
+    assert df.loc["NORMAL/copy0.dcm", "split"] == df.loc["NORMAL/b.dcm", "split"]
+    assert df.loc["NORMAL/p.png", "patient_id"] == "p"  # no header: the stem, as before
+    assert "MRN" not in res.manifest.to_pandas().to_csv()
+    assert res.manifest.site_meta["header_checks"] == {"out_of_scope": 2, "duplicates": 4, "patient_from_header": 3}
+    off = get_adapter("folder").build(root, "folder_site", header_checks=False)
+    assert len(off.manifest) == 10  # the old behaviour, on request
+
+
+def test_generic_csv_drops_duplicates_and_out_of_scope(tmp_path: Path) -> None:
+    for name, tags in [("a.dcm", {"SOPInstanceUID": "9.1"}), ("b.dcm", {"SOPInstanceUID": "9.1"}),
+                       ("knee.dcm", {"SOPInstanceUID": "9.2", "BodyPartExamined": "KNEE"}),
+                       ("c.dcm", {"SOPInstanceUID": "9.3"})]:
+        _dicom(tmp_path / name, 16, 16, PatientID="X", **tags)
+    pd.DataFrame({"path": ["a.dcm", "b.dcm", "knee.dcm", "c.dcm"], "patient_id": ["p1", "p2", "p3", "p4"],
+                  "Effusion": ["1", "0", "1", "0"]}).to_csv(tmp_path / "t.csv", index=False)
+    res = get_adapter("generic_csv").build(tmp_path, "h", csv="t.csv", label_cols=["Effusion"])
+    df = res.manifest.to_pandas()
+    assert list(df["image_id"]) == ["a.dcm", "c.dcm"] and list(df["patient_id"]) == ["p1", "p4"]  # table wins
+    reasons = {d["image_id"]: d["reason"] for d in res.dropped}
+    assert reasons == {"b.dcm": "duplicate of a.dcm (same SOPInstanceUID)",
+                       "knee.dcm": "out of scope: not a chest radiograph: BodyPartExamined 'KNEE'"}
+
+
+def test_a_copied_manifest_site_takes_its_own_name(small_corpus: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from raycxr.sites.config import SiteConfig
+    from raycxr.validate import validate_site
+
+    shutil.copytree(small_corpus / "siim", tmp_path / "site5")
+    site = SiteConfig.from_dict({"name": "site5", "adapter": "manifest", "root": "site5"}, data_root=tmp_path)
+    before = validate_site(site, progress=False)
+    assert not before["ok"] and "names site(s) ['siim']" in before["message"] and "sites build site5" in \
+        before["message"]
+    manifest, dropped = site.build_manifest()
+    assert not dropped and manifest.site == "site5"
+    written = Manifest.read(site.manifest_path)
+    assert set(written.to_pandas()["site"]) == {"site5"} and written.site_meta["name"] == "site5"
+    assert written.site_meta["renamed_from"] == ["siim"]
+    assert validate_site(site, progress=False)["ok"]
+    original = Manifest.read(small_corpus / "siim" / "manifest.parquet")
+    assert original.site == "siim" and len(original) == len(written)

@@ -51,10 +51,10 @@ def test_sites_add_and_build_with_a_real_adapter(tmp_path, capsys):
     from PIL import Image
 
     root = tmp_path / "hospital"
-    for cls in ("Effusion", "Normal"):
+    for k, cls in enumerate(("Effusion", "Normal")):
         (root / cls).mkdir(parents=True)
-        for i in range(3):
-            Image.new("L", (16, 16), 100 + i).save(root / cls / f"{cls}{i}.png")
+        for i in range(3):  # distinct pixels: the folder adapter drops exact duplicates
+            Image.new("L", (16, 16), 100 + i + 10 * k).save(root / cls / f"{cls}{i}.png")
     sites = tmp_path / "sites"
     sites.mkdir()
     new = tmp_path / "hosp.yaml"
@@ -65,6 +65,10 @@ def test_sites_add_and_build_with_a_real_adapter(tmp_path, capsys):
     assert main(["sites", "build", "hosp", *ov]) == 0
     m = discover_sites(sites, data_root=tmp_path)["hosp"].load_manifest()
     assert len(m) == 6 and sorted(m.label_names) == ["Effusion", "Normal"]
+    Image.new("L", (16, 16), 100).save(root / "Normal" / "again.png")  # a copy of Effusion0.png
+    assert main(["sites", "build", "hosp", *ov]) == 0
+    assert "1 rows dropped" in capsys.readouterr().out
+    assert "duplicate of Effusion/Effusion0.png (same pixels)" in (root / "dropped.csv").read_text()
 
 
 def test_bad_site_files_name_file_and_problem(tmp_path):

@@ -30,7 +30,7 @@ from raycxr.methods import load_pretrained
 def exported(small_sites, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     untrained_unichest_state(small_sites).save(run / "checkpoint.pt")
-    cfg = compose("export", [f"run={run}", "int8=true", "parity.batch=5", "threads=2", *small_sites])
+    cfg = compose("export", [f"run={run}", "int8=true", "bundle=true", "parity.batch=5", "threads=2", *small_sites])
     result = export_onnx(cfg)
     return run, run / "export", result
 
@@ -126,3 +126,35 @@ def test_random_inputs_are_batches_of_one_and_seven():
     inputs = parity_inputs(16, np.zeros((3, 1, 16, 16), np.float32))
     assert [x.shape[0] for x in inputs.values()] == [3, 1, 7]
     assert all(x.dtype == np.float32 and x.shape[1:] == (1, 16, 16) for x in inputs.values())
+
+
+def test_monai_bundle_passes_verify_metadata_offline(exported, tmp_path):
+    import shutil
+    import subprocess
+
+    from raycxr.bundle import verify_command
+    from raycxr_runtime.model import Model
+
+    _, out, result = exported
+    bundle = out / "bundle"
+    assert result["bundle"] == str(bundle)
+    assert {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} == {
+        "configs/metadata.json", "models/model.onnx", "docs/README.md"}
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    names = json.loads(read_metadata(out / "classifier.onnx")["class_names"])
+    fmt = meta["network_data_format"]
+    assert fmt["inputs"]["image"]["spatial_shape"] == [64, 64] and fmt["inputs"]["image"]["num_channels"] == 1
+    assert fmt["outputs"]["pred"]["num_channels"] == len(names)
+    assert list(fmt["outputs"]["pred"]["channel_def"].values()) == names
+    assert {"version", "monai_version", "pytorch_version", "task", "description", "authors", "copyright"} <= set(meta)
+    assert Model(bundle / "models" / "model.onnx").verified  # the same file, digests intact
+    assert "not a medical device" in (bundle / "docs" / "README.md").read_text().lower()
+    proc = subprocess.run(verify_command(bundle), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "metadata is verified with no error" in proc.stdout + proc.stderr, \
+        proc.stderr[-2000:]
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    del meta["network_data_format"]["inputs"]["image"]["dtype"]
+    (broken / "configs" / "metadata.json").write_text(json.dumps(meta))
+    proc = subprocess.run(verify_command(broken), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "dtype" in proc.stdout + proc.stderr  # the check can fail

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -346,7 +347,7 @@ def test_http_service(server, model, files, caplog):
     status, headers, body = call(f"{server}/predict")
     assert status == 405 and headers["Allow"] == "POST"
     status, headers, body = call(f"{server}/health", "POST", b"{}", {"Content-Type": "application/json"})
-    assert status == 405 and headers["Allow"] == "GET"
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
 
     phi = open(files["phi"][0], "rb").read()
     status, _, body = call(f"{server}/predict", "POST", phi, {"Content-Type": "application/dicom",
@@ -355,3 +356,450 @@ def test_http_service(server, model, files, caplog):
     assert "POST /predict -> 200 (req-phi)" in caplog.text
     for identifier in PHI:
         assert identifier not in json.dumps(body) and identifier not in caplog.text
+
+
+# ----------------------------------------------------------------------------------- issue 11: CLI robustness
+
+
+def test_cli_out_into_a_missing_folder_fails_before_scoring(exported, files, tmp_path, capsys, monkeypatch):
+    scored = []
+    monkeypatch.setattr(Model, "predict", lambda self, x: scored.append(len(x)) or np.zeros((len(x), 1)))
+    assert main(["--model", str(exported[1]), files["nih"][0], "--out", str(tmp_path / "nope" / "r.json")]) == 2
+    assert "cannot write" in capsys.readouterr().err and scored == [1]  # only the load-time probe ran
+
+
+def test_cli_keeps_what_it_scored_when_the_run_fails(exported, files, tmp_path, capsys, monkeypatch):
+    real, calls = Model.predict, []
+
+    def flaky(self, x):
+        calls.append(len(x))
+        if len(calls) == 3:  # the second batch (call 1 is the load-time probe)
+            raise MemoryError("Unable to allocate 6.71 GiB")
+        return real(self, x)
+
+    monkeypatch.setattr(Model, "predict", flaky)
+    paths = [*files["nih"], *files["vindr"]]
+    for out in ("r.json", "r.jsonl", "r.csv"):
+        calls.clear()
+        assert main(["--model", str(exported[1]), *paths, "--out", str(tmp_path / out), "--batch-size", "2",
+                     "-q"]) == 1
+        assert "stopped after 2 of 4 file(s): MemoryError" in capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())  # still valid JSON
+    assert [r["status"] for r in report["results"]] == ["scored", "scored"]
+    assert report["complete"] is False and "MemoryError" in report["error"]
+    assert report["summary"] == {"scored": 2, "flagged": 0, "error": 0}
+    lines = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert "model" in lines[0] and [x["status"] for x in lines[1:3]] == ["scored", "scored"]
+    assert lines[-1]["complete"] is False
+    assert len(list(csv.DictReader(open(tmp_path / "r.csv")))) == 2
+
+
+class FakePanic(BaseException):
+    """Stands in for pyo3's PanicException (a BaseException)."""
+
+
+def test_cli_bomb_and_a_panicking_reader_fail_their_file_only(exported, files, tmp_path, monkeypatch, capsys):
+    from test_pixel_budget import rle_dicom
+
+    import raycxr_runtime.inference as inference
+
+    bomb = rle_dicom(tmp_path / "bomb.dcm", 30000, 30000)
+    real = inference.read_image
+
+    def reader(path, **kw):
+        if "vindr" in str(path):
+            raise FakePanic("panicked at 'attempt to multiply with overflow'")
+        return real(path, **kw)
+
+    monkeypatch.setattr(inference, "read_image", reader)
+    out = tmp_path / "r.json"
+    assert main(["--model", str(exported[1]), files["nih"][0], str(bomb), files["vindr"][0], files["nih"][1],
+                 "--out", str(out), "-q"]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["status"] for r in results] == ["scored", "error", "error", "scored"]
+    assert "over the pixel budget: declares 30000x30000" in results[1]["warnings"][-1]
+    assert results[2]["warnings"][-1].startswith("reading the image failed: FakePanic: panicked at")
+
+
+def test_cli_isolated_workers_give_the_same_results(exported, files, tmp_path):
+    from test_pixel_budget import rle_dicom
+
+    bomb = str(rle_dicom(tmp_path / "bomb.dcm", 30000, 30000))
+    paths = [files["nih"][0], bomb, files["ct"], files["png"], files["garbage"]]
+    assert main(["--model", str(exported[1]), *paths, "--out", str(tmp_path / "a.json"), "-q"]) == 0
+    assert main(["--model", str(exported[1]), *paths, "--out", str(tmp_path / "b.json"), "-q", "--workers", "2"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "raycxr_runtime", "--model", str(exported[1]), *paths, "--workers",
+                           "2", "--out", str(tmp_path / "c.json"), "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # `python -m` with spawned workers
+    a, b, c = (json.loads((tmp_path / f).read_text())["results"] for f in ("a.json", "b.json", "c.json"))
+    assert a == b == c and [r["status"] for r in a] == ["scored", "error", "flagged", "scored", "error"]
+
+
+# ----------------------------------------------------------------------------------- issue 11: model integrity
+
+
+def test_flipped_bytes_and_edited_metadata_are_refused(exported, tmp_path):
+    from raycxr.export import write_metadata
+
+    data = bytearray(exported[1].read_bytes())
+    mid = len(data) // 2  # inside the weights
+    data[mid:mid + 2000] = bytes(b ^ 0x5A for b in data[mid:mid + 2000])
+    (tmp_path / "flipped.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"flipped\.onnx: integrity check failed: the weights/graph digest"):
+        Model(tmp_path / "flipped.onnx")
+    m = onnx.load(str(exported[1]))
+    for p in m.metadata_props:
+        if p.key == "raycxr.thresholds":
+            p.value = json.dumps([0.01] * len(json.loads(p.value)))
+    onnx.save(m, str(tmp_path / "edited.onnx"))
+    with pytest.raises(ModelError, match="metadata .* was changed after export"):
+        Model(tmp_path / "edited.onnx")
+    for p in list(m.metadata_props):
+        if p.key in ("raycxr.weights_sha256", "raycxr.metadata_sha256"):
+            m.metadata_props.remove(p)
+    onnx.save(m, str(tmp_path / "old.onnx"))
+    with pytest.raises(ModelError, match="no integrity digest .*re-export"):
+        Model(tmp_path / "old.onnx")
+    assert not Model(tmp_path / "old.onnx", verify=False).verified  # explicitly allowed
+    good = Model(exported[1])
+    assert good.verified and good.info()["verified"] is True
+    meta = {p.key: p.value for p in onnx.load(str(exported[1])).metadata_props}
+    write_metadata(tmp_path / "old.onnx", meta, "re-exported")  # the exporter's writer stores fresh digests
+    assert Model(tmp_path / "old.onnx").verified
+
+
+def tiny_classifier(path, n_out, classes, expr="sigmoid"):
+    """A real ONNX classifier graph (onnx.helper) with raycxr metadata, whose output is chosen by the test."""
+    from onnx import TensorProto, helper
+
+    from raycxr.export import write_metadata
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [64 * 64, n_out], np.full(64 * 64 * n_out, 1e-3, np.float32))
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logit"])]
+    if expr == "nan":  # 0 / 0
+        nodes += [helper.make_node("Sub", ["logit", "logit"], ["zero"]),
+                  helper.make_node("Div", ["zero", "zero"], ["probabilities"])]
+    else:
+        nodes += [helper.make_node("Sigmoid", ["logit"], ["probabilities"])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                            ["batch", 1, 64, 64])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", "c"])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    write_metadata(path, {"raycxr.kind": "classifier", "raycxr.class_names": json.dumps(classes),
+                          "raycxr.input_size": "64", "raycxr.model_version": "tiny-1",
+                          "raycxr.thresholds": json.dumps([0.5] * len(classes))}, "tiny")
+    return path
+
+
+def test_nan_outputs_give_error_status_and_valid_json(files, tmp_path):
+    path = tiny_classifier(tmp_path / "nan.onnx", 2, ["A", "B"], expr="nan")
+    out = tmp_path / "r.json"
+    assert main(["--model", str(path), files["nih"][0], files["png"], "--out", str(out), "-q"]) == 0
+    text = out.read_text()
+
+    def no_constants(name):
+        raise AssertionError(f"invalid JSON constant {name}")
+
+    report = json.loads(text, parse_constant=no_constants)
+    assert [r["status"] for r in report["results"]] == ["error", "error"]
+    assert all(r["probabilities"] is None for r in report["results"])
+    assert "non-finite probabilities (NaN or inf) for 2 class(es) (A, B)" in report["results"][0]["warnings"][-1]
+
+
+def test_output_width_other_than_the_class_count_is_refused(tmp_path):
+    tiny_classifier(tmp_path / "ok.onnx", 3, ["A", "B", "C"])
+    assert Model(tmp_path / "ok.onnx").predict(np.zeros((2, 1, 64, 64), np.float32)).shape == (2, 3)
+    tiny_classifier(tmp_path / "wide.onnx", 4, ["A", "B", "C"])
+    with pytest.raises(ModelError, match=r"wide\.onnx: output 'probabilities' has shape \[1, 4\] .*expected \[1, 3\]"):
+        Model(tmp_path / "wide.onnx")
+
+
+# ----------------------------------------------------------------------------------- issue 11: the HTTP layer
+
+
+def raw_http(port, data, *, read_for=10.0, pause_after=None):
+    """Write raw bytes to the service and read until it closes the connection (or ``read_for`` passes)."""
+    import socket
+    import time
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=read_for)
+    try:
+        s.sendall(data)
+        if pause_after is not None:
+            time.sleep(pause_after)
+        out, deadline = b"", time.monotonic() + read_for
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def port_of(url):
+    return int(url.rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def strict_server(model):
+    """Short timeouts and one upload at a time, for the stall / queue cases."""
+    srv = make_server(model, host="127.0.0.1", port=0, max_bytes=MAX_BYTES, decode_workers=1, max_inflight=1,
+                      body_timeout=2.0, queue_timeout=0.5, header_timeout=1.0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    thread.join(10)
+    srv.server_close()
+
+
+def test_http_leftover_body_bytes_never_reach_logs_or_answers(server, files, caplog):
+    """Content-Length smaller than the body on a keep-alive connection: the rest (DICOM elements with
+    the patient ID) is parsed as a new request. The old server logged and echoed it."""
+    caplog.set_level(logging.DEBUG)
+    body = open(files["phi"][0], "rb").read()
+    at = body.index(PHI[2].encode())  # the PatientID value
+    cut = at - 8  # the leftover starts in the patient module
+    req = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\nConnection: keep-alive\r\n"
+           b"Content-Length: " + str(cut).encode() + b"\r\n\r\n" + body)
+    answer = raw_http(port_of(server), req)
+    assert answer.startswith(b"HTTP/1.1 422") and b"HTTP/1.1 400" in answer  # truncated file, then the leftover
+    for identifier in PHI:
+        assert identifier.encode() not in answer and identifier not in caplog.text
+    assert "MRN" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_http_unicode_names_and_malformed_requests(server, files, caplog):
+    caplog.set_level(logging.DEBUG)
+    dcm = open(files["nih"][0], "rb").read()
+    status, headers, body = call(f"{server}/predict?name=%C3%A9t%C3%A9%20%E2%9C%93", "POST", dcm,
+                                 {"Content-Type": "application/dicom"})
+    assert status == 200 and body["input"] == "été ✓" and headers["X-Request-Id"] == "%C3%A9t%C3%A9%20%E2%9C%93"
+    req = (b"POST /predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/dicom\r\n"
+           b"X-Request-Id: " + "ordre-é".encode() + b"\r\nContent-Length: " + str(len(dcm)).encode() + b"\r\n\r\n"
+           + dcm)
+    answer = raw_http(port_of(server), req)
+    assert answer.startswith(b"HTTP/1.1 200") and '"input": "ordre-é"'.encode() in answer
+    for line in (b"GET\r\n\r\n", b"GET /health\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+                 b"GET /health HTTP/1.1 extra\r\n\r\n", "GET /h\u00e9alth HTTP/1.1\r\n\r\n".encode()):
+        answer = raw_http(port_of(server), line)
+        assert answer.startswith(b"HTTP/1.1 400"), (line, answer[:80])
+        assert line.split(b"\r\n")[0] not in answer  # the request line is not echoed
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_http_head_trace_and_temp_paths(server, caplog):
+    answer = raw_http(port_of(server), b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-length: " in head.lower() and rest == b""
+    status, headers, body = call(f"{server}/health", "TRACE")
+    assert status == 405 and headers["Content-Type"].startswith("application/json") and headers["Allow"] == "GET, HEAD"
+    for data, ctype in [(b"garbage" * 50, "application/dicom"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image/png"),
+                        (b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff", "application/octet-stream"),
+                        (b"<?xml version='1.0'?><x/>", "application/octet-stream")]:
+        status, _, body = call(f"{server}/predict", "POST", data, {"Content-Type": ctype})
+        text = json.dumps(body)
+        assert status == 422 and "raycxr-" not in text and "/tmp" not in text and "upload." not in text, text
+
+
+def test_http_stalled_body_gets_408_and_half_open_connections_are_quiet(strict_server, caplog):
+    import socket
+    import time
+
+    caplog.set_level(logging.DEBUG)
+    port = port_of(strict_server)
+    t = time.monotonic()
+    answer = raw_http(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+                            b"Content-Length: 5000\r\n\r\n" + b"\0" * 100)
+    assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer and time.monotonic() - t < 8
+    socks = []
+    for i in range(40):  # half-open: half a request line, half a body, then dropped
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /hea" if i % 2 else b"POST /predict HTTP/1.1\r\nContent-Length: 900\r\n\r\nabc")
+        socks.append(s)
+    for s in socks[::2]:
+        s.close()
+    time.sleep(3.0)  # past the header and body timeouts
+    closed = 0
+    for s in socks[1::2]:  # the server closed the ones it was waiting on
+        s.settimeout(3)
+        try:
+            closed += s.recv(10) == b""
+        except (ConnectionResetError, TimeoutError):
+            pass
+        s.close()
+    assert closed == 20
+    assert call(f"{strict_server}/health")[0] == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_http_uploads_are_bounded(strict_server, files, tmp_path):
+    """One upload at a time here: a second one waits for the queue timeout, then gets 503; the 14 MB
+    bomb is over this server's body limit (413)."""
+    import socket
+
+    from test_pixel_budget import rle_dicom
+
+    port = port_of(strict_server)
+    hold = socket.create_connection(("127.0.0.1", port))
+    hold.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+                 b"Content-Length: 900\r\n\r\nab")
+    import time
+
+    time.sleep(0.3)
+    status, headers, body = call(f"{strict_server}/predict", "POST", open(files["nih"][0], "rb").read(),
+                                 {"Content-Type": "application/dicom"})
+    assert status == 503 and headers["Retry-After"] == "5"
+    hold.close()
+    time.sleep(0.5)
+    bomb = rle_dicom(tmp_path / "bomb.dcm", 30000, 30000).read_bytes()
+    assert len(bomb) > MAX_BYTES  # over this server's body limit: 413 before anything is read
+    status, _, body = call(f"{strict_server}/predict", "POST", bomb, {"Content-Type": "application/dicom"})
+    assert status == 413
+
+
+def test_http_bombs_under_the_body_limit_are_refused_from_the_header(server, files, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_pixel_budget import rle_dicom
+
+    # 16-bit, 3 samples: declares 20000 x 20000 x 3 x 2 bytes = 2.2 GiB, file a few hundred kB
+    bomb = rle_dicom(tmp_path / "bomb.dcm", 2000, 2000)
+    ds = pydicom.dcmread(bomb)
+    ds.Rows = ds.Columns = 20000
+    ds.save_as(tmp_path / "bomb2.dcm")
+    data = (tmp_path / "bomb2.dcm").read_bytes()
+    assert len(data) < MAX_BYTES
+    with ThreadPoolExecutor(2) as ex:
+        answers = list(ex.map(lambda _: call(f"{server}/predict", "POST", data, {"Content-Type": "application/dicom"}),
+                              range(2)))
+    for status, _, body in answers:
+        assert status == 422 and "over the pixel budget" in body["error"]
+    assert call(f"{server}/health")[0] == 200
+
+
+# ----------------------------------------------------------------------------------- DICOM SR and the DICOM node
+
+
+def check_sr(sr, source_path, model, expected):
+    """The SR references the source's study / series / instance, copies its patient module, and holds
+    per finding the probability, the threshold and the decision, and the model version."""
+    hd = pytest.importorskip("highdicom")
+    src = pydicom.dcmread(source_path, stop_before_pixels=True)
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == src.StudyInstanceUID
+    assert sr.SeriesInstanceUID != src.SeriesInstanceUID and sr.SOPInstanceUID != src.SOPInstanceUID
+    assert (sr.PatientID, sr.PatientName) == (src.PatientID, src.PatientName)  # same patient, for the PACS
+    ev = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert ev.StudyInstanceUID == src.StudyInstanceUID
+    ref = ev.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == src.SeriesInstanceUID
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    parsed = hd.sr.ComprehensiveSR.from_dataset(sr)
+    report = hd.sr.MeasurementReport.from_sequence([parsed])  # the SR's root container
+    found = {}
+    for g in report.get_image_measurement_groups():
+        name = g.finding_type.meaning
+        values = {m.name.meaning: m.value for m in g.get_measurements()}
+        decision = g.get_qualitative_evaluations()[0].value.meaning
+        texts = {i.ConceptNameCodeSequence[0].CodeMeaning: i.get("TextValue") for i in g[0].ContentSequence}
+        assert texts["Algorithm Version"] == model.model_version
+        assert g.source_images[0].referenced_sop_instance_uid == src.SOPInstanceUID
+        found[name] = (values["Probability of finding"], values["Decision threshold"], decision)
+    assert set(found) == set(model.class_names)
+    for c, t in zip(model.class_names, model.thresholds):
+        p, thr, decision = found[c]
+        assert p == pytest.approx(expected.probabilities[c], abs=1e-6) and thr == pytest.approx(t)
+        assert decision == ("Present" if c in expected.findings else "Absent")
+
+
+def test_sr_from_the_cli_and_the_service(exported, model, files, tmp_path, server, caplog, capsys):
+    pytest.importorskip("highdicom")
+    caplog.set_level(logging.DEBUG)
+    src = files["phi"][0]
+    expected = Predictor(model).predict_file(src)
+    assert main(["--model", str(exported[1]), src, files["ct"], files["png"], "--sr-dir", str(tmp_path / "sr"),
+                 "--out", str(tmp_path / "r.json"), "-vv"]) == 0
+    written = list((tmp_path / "sr").iterdir())
+    assert len(written) == 1  # the scored DICOM; the CT is flagged and the PNG has no UIDs to reference
+    check_sr(pydicom.dcmread(written[0]), src, model, expected)
+    req = urllib.request.Request(f"{server}/predict?format=sr", data=open(src, "rb").read(), method="POST",
+                                 headers={"Content-Type": "application/dicom", "X-Request-Id": "sr-1"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        status, ctype, data = r.status, r.headers["Content-Type"], r.read()
+    assert status == 200 and ctype == "application/dicom"
+    import io
+
+    check_sr(pydicom.dcmread(io.BytesIO(data)), src, model, expected)
+    status, _, body = call(f"{server}/predict?format=sr", "POST", open(files["ct"], "rb").read(),
+                           {"Content-Type": "application/dicom"})
+    assert status == 422 and "no structured report: the image was not scored (flagged)" in body["error"]
+    captured = capsys.readouterr()
+    for identifier in PHI:  # the SR carries the patient module; logs and JSON never do
+        assert identifier not in caplog.text + captured.err + (tmp_path / "r.json").read_text()
+
+
+def test_dicom_node_scores_received_images_and_sends_the_sr(model, files, caplog):
+    pytest.importorskip("pynetdicom")
+    caplog.set_level(logging.INFO)
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage, DigitalXRayImageStorageForPresentation
+
+    from raycxr_runtime.dicom_node import Destination, DicomNode
+
+    received = []
+
+    def on_store(event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    pacs = AE(ae_title="TESTPACS")
+    pacs.add_supported_context(ComprehensiveSRStorage)
+    pacs_server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    node = DicomNode(model, ae_title="RAYCXR", host="127.0.0.1", port=0,
+                     destination=Destination("127.0.0.1", pacs_server.server_address[1], "TESTPACS"))
+    try:
+        scu = AE(ae_title="MODALITY")
+        scu.add_requested_context(DigitalXRayImageStorageForPresentation, pydicom.dcmread(files["phi"][0]).file_meta
+                                  .TransferSyntaxUID)
+        scu.add_requested_context(pydicom.uid.CTImageStorage, pydicom.dcmread(files["ct"]).file_meta.TransferSyntaxUID)
+        assoc = scu.associate("127.0.0.1", node.port, ae_title="RAYCXR")
+        assert assoc.is_established
+        for path in (files["phi"][0], files["ct"]):
+            assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+        assoc.release()
+        assert node.wait_idle(120)
+        deadline = time.monotonic() + 30
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        node.close()
+        pacs_server.shutdown()
+    assert node.stats == {"received": 2, "scored": 1, "sr_sent": 1, "sr_failed": 0, "not_scored": 1}
+    assert len(received) == 1  # the CT was flagged: no SR
+    check_sr(received[0], files["phi"][0], model, Predictor(model).predict_file(files["phi"][0]))
+    assert "image #1: scored, SR sent to TESTPACS" in caplog.text and "image #2: flagged, no SR" in caplog.text
+    for identifier in PHI:
+        assert identifier not in caplog.text
+
+
+def test_openvino_backend_gives_the_same_results(exported, model, files):
+    pytest.importorskip("openvino")
+    ov = Model(exported[1], threads=2, backend="openvino")
+    assert ov.backend == "openvino" and ov.verified
+    paths = [*files["nih"], *files["vindr"], files["png"], files["chexpert_frontal"]]
+    a = Predictor(model, batch_size=3).predict_files(paths)
+    b = Predictor(ov, batch_size=3).predict_files(paths)
+    assert [r.status for r in b] == ["scored"] * len(paths)
+    pa = np.array([[r.probabilities[c] for c in model.class_names] for r in a])
+    pb = np.array([[r.probabilities[c] for c in model.class_names] for r in b])
+    assert np.abs(pa - pb).max() <= 1e-4 and pa.std(0).max() > 1e-3
+    assert main(["--model", str(exported[1]), "--backend", "openvino", files["nih"][0], "-q"]) == 0

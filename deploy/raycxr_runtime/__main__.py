@@ -2,4 +2,5 @@
 
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when imported (e.g. by a tool that loads modules by name)
+    raise SystemExit(main())

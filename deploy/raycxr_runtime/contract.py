@@ -8,7 +8,9 @@ there is no second copy that could drift. Torch-free: numpy and onnxruntime only
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 INPUT = "image"
@@ -19,6 +21,11 @@ META_PREFIX = "raycxr."
 KINDS = ("classifier", "encoder")
 # keys every exported file carries; the runtime refuses a file without them
 REQUIRED_METADATA = ("kind", "class_names", "input_size", "model_version")
+# integrity: sha256 of the graph (nodes, initializers, inputs/outputs) plus opsets and functions, and
+# sha256 of the other raycxr.* metadata; see graph_digest / metadata_digest
+WEIGHTS_DIGEST = "weights_sha256"
+METADATA_DIGEST = "metadata_sha256"
+DIGEST_KEYS = (WEIGHTS_DIGEST, METADATA_DIGEST)
 
 # What the runtime must do to a file before the model sees it; the functions named here are the
 # ones training and evaluation call (raycxr.readers re-exports raycxr_runtime.readers).
@@ -68,3 +75,83 @@ def session(path: str, *, threads: int | None = None, quiet: bool = False) -> An
     if threads:
         opts.intra_op_num_threads = int(threads)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+# ModelProto field numbers (onnx.proto3): 7 graph, 8 opset_import, 25 functions. The digest covers
+# exactly these, so it excludes metadata_props (14), doc_string (6) and the producer fields, and can
+# be stored in the metadata of the file it describes. The runtime has no `onnx` package, so the
+# top-level protobuf fields are read from the wire format here (a few lines, no decoding of the graph).
+_DIGEST_FIELDS = (7, 8, 25)
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated or malformed protobuf varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _top_level_fields(data: bytes | memoryview) -> Iterator[tuple[int, memoryview]]:
+    buf = memoryview(data)
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        start = i
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            length, i = _varint(buf, i)
+            start = i
+            i += length
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} in field {number}")
+        if i > n:
+            raise ValueError(f"protobuf field {number} runs past the end of the file (truncated?)")
+        yield number, buf[start:i]
+
+
+def graph_digest(data: bytes | memoryview) -> str:
+    """sha256 (hex) of a serialized ONNX model's graph, opset imports and functions, as stored in the file.
+
+    Raises ``ValueError`` when the bytes are not a well-formed protobuf message."""
+    h = hashlib.sha256(b"raycxr-graph-v1")
+    for number, value in _top_level_fields(data):
+        if number in _DIGEST_FIELDS:
+            h.update(number.to_bytes(4, "little") + len(value).to_bytes(8, "little"))
+            h.update(value)
+    return h.hexdigest()
+
+
+def metadata_digest(metadata: Mapping[str, str]) -> str:
+    """sha256 (hex) of the ``raycxr.*`` entries (prefix included) other than the two digests, key-sorted."""
+    skip = {META_PREFIX + k for k in DIGEST_KEYS}
+    items = sorted((k, str(v)) for k, v in metadata.items() if k.startswith(META_PREFIX) and k not in skip)
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def read_metadata_props(data: bytes | memoryview) -> dict[str, str]:
+    """Every ``metadata_props`` entry (ModelProto field 14: key 1, value 2) of a serialized ONNX model."""
+    out: dict[str, str] = {}
+    for number, value in _top_level_fields(data):
+        if number != 14:
+            continue
+        key = val = ""
+        for sub, raw in _top_level_fields(value):
+            if sub == 1:
+                key = bytes(raw).decode("utf-8", "replace")
+            elif sub == 2:
+                val = bytes(raw).decode("utf-8", "replace")
+        out[key] = val
+    return out

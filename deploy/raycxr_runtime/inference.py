@@ -21,19 +21,23 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
+from .isolate import IsolatedPool, Outcome
 from .model import Model
 from .readers import (
     DICOM_SUFFIXES,
     RASTER_SUFFIXES,
     ImageReadError,
+    PixelBudget,
     _has_dicm_marker,
     read_dicom_header,
     read_image,
@@ -41,7 +45,8 @@ from .readers import (
 )
 from .safety import check_header
 
-__all__ = ["Prediction", "Predictor", "collect_inputs", "quiet_pydicom", "write_csv", "write_json"]
+__all__ = ["Prediction", "Predictor", "ResultWriter", "collect_inputs", "dumps", "json_safe", "prepare",
+           "quiet_pydicom", "write_csv", "write_json"]
 
 logger = logging.getLogger("raycxr_runtime")
 
@@ -64,14 +69,56 @@ class Prediction:
         return asdict(self)
 
 
-class Predictor:
-    """Score files with a classifier :class:`Model`.
+def prepare(path: str | os.PathLike[str], label: str, input_size: int, frontal_only: bool, force: bool,
+            model_version: str, budget: PixelBudget | None = None) -> tuple[Prediction, np.ndarray | None]:
+    """Header checks, then the pixels as the model's input ``(1, S, S)``; ``None`` when not to be scored.
 
-    ``force``: score flagged (out-of-scope) images too; they keep status ``flagged`` and their
-    reasons, so a consumer can still tell them apart.
+    Module-level (and picklable arguments only) so that it can run in an isolated worker process."""
+    p = Path(path)
+    result = Prediction(input=label, status=SCORED, model_version=model_version)
+    flags: list[str] = []
+    header = _header(p)
+    if isinstance(header, ImageReadError):
+        result.status, result.warnings = ERROR, [header.reason]
+        return result, None
+    if header is None:
+        result.warnings.append(NOT_DICOM_NOTE)
+    else:
+        flags, notes = check_header(header, frontal_only=frontal_only)
+        result.warnings = [*flags, *notes]
+    if flags:
+        result.status = FLAGGED
+        if not force:
+            return result, None
+        result.warnings.append("scored anyway (force): the probabilities are outside the model's scope")
+    try:
+        image = resize(read_image(p, budget=budget), input_size)[None]
+    except ImageReadError as exc:
+        result.status = ERROR
+        result.warnings = [w for w in result.warnings if w != NOT_DICOM_NOTE] + [exc.reason]
+        return result, None
+    return result, image
+
+
+class Predictor:
+    """Score files with a classifier :class:`Model`: the one inference path of the CLI, the service and the DICOM node.
+
+    Args:
+        model: a classifier.
+        batch_size: images per model call.
+        force: score flagged (out-of-scope) images too; they keep status ``flagged`` and their
+            reasons, so a consumer can still tell them apart.
+        budget: the pixel budget checked before decoding (default: the readers' process default).
+        workers: 0 reads images in this process (a decoder's ``BaseException`` becomes an ``error``
+            result); N > 0 reads them in N isolated worker processes
+            (:class:`~raycxr_runtime.isolate.IsolatedPool`), so a decoder that crashes or hangs
+            fails only its file. The pool also bounds how many decodes run at once.
+        timeout: seconds one image may take to read (workers > 0 only).
+        memory_limit: address-space limit of each worker in bytes (workers > 0 only).
     """
 
-    def __init__(self, model: Model, *, batch_size: int = 16, force: bool = False) -> None:
+    def __init__(self, model: Model, *, batch_size: int = 16, force: bool = False, budget: PixelBudget | None = None,
+                 workers: int = 0, timeout: float | None = None, memory_limit: int | None = None) -> None:
         if model.kind != "classifier":
             raise ValueError(f"{model.path.name} is an {model.kind} model; scoring needs a classifier "
                              "(classifier.onnx or classifier.int8.onnx)")
@@ -80,6 +127,23 @@ class Predictor:
         self.model = model
         self.batch_size = int(batch_size)
         self.force = bool(force)
+        self.budget = budget
+        self.pool: IsolatedPool | None = None
+        if workers > 0:
+            self.pool = IsolatedPool(f"{__name__}:prepare", workers=workers, timeout=timeout,
+                                     memory_limit=memory_limit)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def predict_file(self, path: str | os.PathLike[str], name: str | None = None) -> Prediction:
         """One file; ``name`` (default: the path as given) is what the result calls it."""
@@ -92,16 +156,25 @@ class Predictor:
 
     def iter_predictions(self, paths: Sequence[str | os.PathLike[str]], names: Sequence[str] | None = None,
                          progress: Callable[[int], None] | None = None) -> Iterator[Prediction]:
+        """Results one batch at a time, in input order (a caller can write each as it comes)."""
         if names is not None and len(names) != len(paths):
             raise ValueError(f"{len(names)} names for {len(paths)} files")
         labels = [str(p) for p in paths] if names is None else [str(n) for n in names]
+        args = [(str(p), lab, self.model.input_size, self.model.frontal_only, self.force, self.model.model_version,
+                 self.budget) for p, lab in zip(paths, labels)]
+        if self.pool is None:
+            prepared: Iterator[Outcome] = map(self._prepare_here, args)
+        elif len(args) == 1:  # the service's case: no read-ahead threads for one file
+            prepared = iter([self.pool.call(*args[0])])
+        else:
+            prepared = self.pool.imap(args)
         for start in range(0, len(paths), self.batch_size):
-            chunk = range(start, min(start + self.batch_size, len(paths)))
             results: list[Prediction] = []
             images: list[np.ndarray] = []
             scored: list[int] = []
-            for i in chunk:
-                result, image = self._prepare(paths[i], labels[i])
+            for i in range(start, min(start + self.batch_size, len(paths))):
+                out = next(prepared)
+                result, image = out.value if out.ok else (self._failed(labels[i], out.error), None)
                 if image is not None:
                     scored.append(len(results))
                     images.append(image)
@@ -118,36 +191,32 @@ class Predictor:
                 progress(len(results))
             yield from results
 
-    def _prepare(self, path: str | os.PathLike[str], label: str) -> tuple[Prediction, np.ndarray | None]:
-        p = Path(path)
-        result = Prediction(input=label, status=SCORED, model_version=self.model.model_version)
-        flags: list[str] = []
-        header = _header(p)
-        if isinstance(header, ImageReadError):
-            result.status, result.warnings = ERROR, [header.reason]
-            return result, None
-        if header is None:
-            result.warnings.append(NOT_DICOM_NOTE)
-        else:
-            flags, notes = check_header(header, frontal_only=self.model.frontal_only)
-            result.warnings = [*flags, *notes]
-        if flags:
-            result.status = FLAGGED
-            if not self.force:
-                return result, None
-            result.warnings.append("scored anyway (force): the probabilities are outside the model's scope")
+    def _prepare_here(self, args: tuple[Any, ...]) -> Outcome:
         try:
-            image = resize(read_image(p), self.model.input_size)[None]
-        except ImageReadError as exc:
-            result.status = ERROR
-            result.warnings = [w for w in result.warnings if w != NOT_DICOM_NOTE] + [exc.reason]
-            return result, None
-        return result, image
+            return Outcome(True, prepare(*args))
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except MemoryError:
+            return Outcome(False, None, "not enough memory to read this image")
+        except BaseException as exc:  # noqa: BLE001 (a decoder's PanicException must not end the run)
+            return Outcome(False, None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+
+    def _failed(self, label: str, error: str) -> Prediction:
+        return Prediction(input=label, status=ERROR, warnings=[f"reading the image failed: {error}"],
+                          model_version=self.model.model_version)
 
     def _fill(self, result: Prediction, probs: np.ndarray) -> None:
         names, thr = self.model.class_names, self.model.thresholds
-        result.probabilities = {c: round(float(v), 6) for c, v in zip(names, probs)}
-        result.findings = [c for c, v, t in zip(names, probs, thr) if float(v) >= float(t)]
+        values = np.asarray(probs, dtype=np.float64)
+        if not np.isfinite(values).all():
+            bad = [c for c, v in zip(names, values) if not np.isfinite(v)]
+            result.status = ERROR
+            result.warnings.append(f"the model returned non-finite probabilities (NaN or inf) for "
+                                   f"{len(bad)} class(es) ({', '.join(bad[:5])}{'...' if len(bad) > 5 else ''}): "
+                                   "not scored")
+            return
+        result.probabilities = {c: round(float(v), 6) for c, v in zip(names, values)}
+        result.findings = [c for c, v, t in zip(names, values, thr) if float(v) >= float(t)]
 
 
 def _header(p: Path) -> Any:
@@ -205,20 +274,39 @@ def summary(results: Sequence[Prediction]) -> dict[str, int]:
     return out
 
 
+def model_card(model: Model) -> dict[str, Any]:
+    """The model essentials every report starts with."""
+    return {"file": model.path.name, "model_version": model.model_version, "class_names": model.class_names,
+            "thresholds": dict(zip(model.class_names, model.thresholds.tolist())),
+            "frontal_only": model.frontal_only, "backend": model.backend}
+
+
 def report(results: Sequence[Prediction], model: Model) -> dict[str, Any]:
     """The JSON document ``raycxr-infer`` writes: the model card essentials, counts and the results."""
-    return {
-        "model": {"file": model.path.name, "model_version": model.model_version, "class_names": model.class_names,
-                  "thresholds": dict(zip(model.class_names, model.thresholds.tolist())),
-                  "frontal_only": model.frontal_only},
-        "summary": summary(results),
-        "results": [r.to_dict() for r in results],
-    }
+    return {"model": model_card(model), "summary": summary(results), "results": [r.to_dict() for r in results]}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None``: JSON has no NaN or Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value
+
+
+def dumps(value: Any, **kw: Any) -> str:
+    """Strict JSON (``allow_nan=False``) of :func:`json_safe` ``(value)``: always valid JSON."""
+    return json.dumps(json_safe(value), allow_nan=False, ensure_ascii=False, **kw)
 
 
 def write_json(results: Sequence[Prediction], model: Model, path: str | os.PathLike[str] | None) -> str:
     """Write (or, with ``path=None``, return) the JSON report."""
-    text = json.dumps(report(results, model), indent=2, ensure_ascii=False)
+    text = dumps(report(results, model), indent=2)
     if path is not None:
         Path(path).write_text(text + "\n", encoding="utf-8")
     return text
@@ -227,11 +315,92 @@ def write_json(results: Sequence[Prediction], model: Model, path: str | os.PathL
 def write_csv(results: Sequence[Prediction], model: Model, path: str | os.PathLike[str]) -> None:
     """One row per input: input, status, model_version, findings and warnings ("; "-joined), then
     one ``prob:<class>`` column per class (empty when not scored)."""
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["input", "status", "model_version", "findings", "warnings",
-                    *(f"prob:{c}" for c in model.class_names)])
+    with ResultWriter.open(path, model) as w:
         for r in results:
+            w.write(r)
+
+
+OUTPUT_SUFFIXES = (".json", ".jsonl", ".csv")
+
+
+class ResultWriter:
+    """Writes results as they come, so that a run that fails half-way keeps what it scored.
+
+    ``.csv`` and ``.jsonl`` get one flushed line per result. ``.json`` (and standard output) is
+    streamed too: the model card and each result as it comes, then ``summary`` at the end; when the
+    run stops on an error, :meth:`close` still ends the document, with ``"complete": false`` and the
+    error, so the file is valid JSON with every result scored before the failure.
+
+    Args:
+        stream: an open text stream.
+        kind: ``json``, ``jsonl`` or ``csv``.
+        model: the model (its card heads the JSON, its classes are the CSV columns).
+    """
+
+    def __init__(self, stream: IO[str], kind: str, model: Model, *, owns: bool = True) -> None:
+        self.stream, self.kind, self.model, self.owns = stream, kind, model, owns
+        self.counts = {SCORED: 0, FLAGGED: 0, ERROR: 0}
+        self.closed = False
+        self._first = True
+        if kind == "csv":
+            self._csv = csv.writer(stream)
+            self._csv.writerow(["input", "status", "model_version", "findings", "warnings",
+                                *(f"prob:{c}" for c in model.class_names)])
+        elif kind == "json":
+            stream.write('{\n  "model": ' + dumps(model_card(model)) + ',\n  "results": [')
+        elif kind == "jsonl":
+            stream.write(dumps({"model": model_card(model)}) + "\n")
+        else:
+            raise ValueError(f"unknown output kind {kind!r}")
+        stream.flush()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str] | None, model: Model) -> ResultWriter:
+        """A writer on ``path`` (kind from its suffix) or, with ``None``, JSON on standard output.
+
+        Opening creates the file now, so a missing folder or a read-only place fails before any scoring."""
+        if path is None:
+            return cls(sys.stdout, "json", model, owns=False)
+        suffix = Path(path).suffix.lower()
+        if suffix not in OUTPUT_SUFFIXES:
+            raise ValueError(f"--out must end in {', '.join(OUTPUT_SUFFIXES)}, got {path}")
+        stream = open(path, "w", newline="" if suffix == ".csv" else None, encoding="utf-8")
+        return cls(stream, suffix[1:], model)
+
+    def write(self, r: Prediction) -> None:
+        self.counts[r.status] = self.counts.get(r.status, 0) + 1
+        if self.kind == "csv":
             probs = r.probabilities or {}
-            w.writerow([r.input, r.status, r.model_version, "; ".join(r.findings), "; ".join(r.warnings),
-                        *(probs.get(c, "") for c in model.class_names)])
+            self._csv.writerow([r.input, r.status, r.model_version, "; ".join(r.findings), "; ".join(r.warnings),
+                                *(probs.get(c, "") for c in self.model.class_names)])
+        elif self.kind == "jsonl":
+            self.stream.write(dumps(r.to_dict()) + "\n")
+        else:
+            self.stream.write(("\n    " if self._first else ",\n    ") + dumps(r.to_dict()))
+            self._first = False
+        self.stream.flush()
+
+    def close(self, error: str | None = None) -> None:
+        """End the document (``error``: why the run stopped early) and close the file."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            tail: dict[str, Any] = {"summary": self.counts, "complete": error is None}
+            if error is not None:
+                tail["error"] = error
+            if self.kind == "json":
+                body = ",\n  ".join(f"{dumps(k)}: {dumps(v)}" for k, v in tail.items())
+                self.stream.write(("\n  ]" if not self._first else "]") + ",\n  " + body + "\n}\n")
+            elif self.kind == "jsonl":
+                self.stream.write(dumps(tail) + "\n")
+            self.stream.flush()
+        finally:
+            if self.owns:
+                self.stream.close()
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.close(None if exc is None else f"stopped early: {type(exc).__name__}")

@@ -1,8 +1,17 @@
-"""An exported raycxr ONNX model, run with onnxruntime on the CPU, with its metadata read from the file.
+"""An exported raycxr ONNX model, run on the CPU, with its metadata read from the file.
 
 ``raycxr export`` writes the model card into the ONNX file itself (``metadata_props``, keys
 ``raycxr.*``): class names, per-class thresholds, input size, preprocessing, whether the model is
 frontal-only, model version. :class:`Model` reads it, so a hospital needs nothing but the file.
+
+Integrity: the file also carries ``raycxr.weights_sha256`` (the graph: nodes, initializers,
+inputs and outputs, opsets) and ``raycxr.metadata_sha256`` (the other ``raycxr.*`` keys).
+:class:`Model` recomputes both from the bytes it loads and refuses a file that does not match
+(a corrupted copy, or weights changed under the same ``model_version``). A classifier is also run
+once on a blank image at load: its output must have one column per class.
+
+Backends: ``onnxruntime`` (default) or ``openvino`` (optional package, ``pip install
+raycxr-runtime[openvino]``); both run the same file and give the same probabilities within 1e-4.
 """
 
 from __future__ import annotations
@@ -17,7 +26,12 @@ import numpy as np
 from . import contract
 from .contract import META_PREFIX, REQUIRED_METADATA
 
-__all__ = ["META_PREFIX", "Model", "ModelError"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "META_PREFIX", "Model", "ModelError"]
+
+BACKENDS = ("onnxruntime", "openvino")
+# onnxruntime float32 stays the default: see benchmarks/results/onnx_inference.json (OpenVINO is
+# offered where it measures faster; onnxruntime needs no extra package)
+DEFAULT_BACKEND = "onnxruntime"
 
 
 class ModelError(Exception):
@@ -29,26 +43,88 @@ class ModelError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+class _OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        self.session = contract.session(str(path), threads=threads, quiet=True)
+        self.inputs = [(i.name, list(i.shape)) for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, output: str, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([output], feed)[0]
+
+
+class _OpenVinoBackend:
+    name = "openvino"
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        # f32: on CPUs with AMX / AVX512-BF16 OpenVINO otherwise runs float32 graphs in bf16 (1e-3 off)
+        # no CPU pinning: OpenVINO would otherwise pin the process's threads, and PyTorch / onnxruntime / the
+        # decode workers sharing the cores then ran up to 10x slower in the benchmark
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+                                  "ENABLE_CPU_PINNING": False}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.inputs = [(i.get_any_name(), [d.get_length() if d.is_static else "batch" for d in i.get_partial_shape()])
+                       for i in self.compiled.inputs]
+        self.outputs = [o.get_any_name() for o in self.compiled.outputs]
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, output: str, feed: dict[str, np.ndarray]) -> np.ndarray:
+        res = self.request.infer(feed)
+        return np.asarray(res[self.compiled.output(output)])
+
+
 class Model:
     """An exported raycxr ONNX file (``classifier.onnx``, ``classifier.int8.onnx`` or ``encoder.onnx``).
 
     Attributes read from the metadata: ``kind`` ("classifier" | "encoder"), ``class_names``,
     ``thresholds`` (one per class, classifiers only), ``input_size``, ``frontal_only``,
     ``model_version``, ``metadata`` (every ``raycxr.*`` key, JSON values decoded).
+
+    Args:
+        path: the ONNX file.
+        threads: intra-op threads (default: the backend's choice, all cores).
+        backend: ``onnxruntime`` or ``openvino``.
+        verify: check the embedded digests (``False`` only for files exported before they existed).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None, backend: str = DEFAULT_BACKEND,
+                 verify: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(self.path, "model file not found" if not self.path.exists() else "not a regular file")
+        if backend not in BACKENDS:
+            raise ModelError(self.path, f"unknown backend '{backend}' (expected one of {BACKENDS})")
         try:
-            self.session = contract.session(str(self.path), threads=threads, quiet=True)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types; all mean "not usable"
-            detail = " ".join(str(exc).split())[:300]
-            raise ModelError(self.path, f"not a loadable ONNX model ({type(exc).__name__}: {detail})") from None
-        raw = self.session.get_modelmeta().custom_metadata_map
+            data = self.path.read_bytes()
+            raw = contract.read_metadata_props(data)
+        except (OSError, ValueError) as exc:
+            raise ModelError(self.path, f"not a loadable ONNX model ({type(exc).__name__}: {exc})") from None
         meta = contract.strip_prefix(raw)
         missing = [k for k in REQUIRED_METADATA if k not in meta]
+        if missing and raw:
+            raise ModelError(self.path, f"no raycxr metadata ({', '.join(META_PREFIX + k for k in missing)} missing): "
+                                        "export the model with `raycxr export`")
+        self.verified = False
+        if verify and not missing:
+            self._verify(data, raw, meta)
+        del data
+        self.backend_name = backend
+        try:
+            self._backend = _OrtBackend(self.path, threads) if backend == "onnxruntime" else \
+                _OpenVinoBackend(self.path, threads)
+        except ImportError:
+            raise ModelError(self.path, "backend 'openvino' needs the openvino package: "
+                                        "pip install 'raycxr-runtime[openvino]'") from None
+        except Exception as exc:  # onnxruntime / OpenVINO raise their own types; all mean "not usable"
+            detail = " ".join(str(exc).split())[:300]
+            raise ModelError(self.path, f"not a loadable ONNX model ({type(exc).__name__}: {detail})") from None
         if missing:
             raise ModelError(self.path, f"no raycxr metadata ({', '.join(META_PREFIX + k for k in missing)} missing): "
                                         "export the model with `raycxr export`")
@@ -65,24 +141,50 @@ class Model:
             raise ModelError(self.path, f"malformed raycxr metadata: {exc}") from None
         self.model_version = str(meta["model_version"])
         self.frontal_only = str(meta.get("frontal_only", "true")).lower() == "true"
-        inputs = self.session.get_inputs()
+        inputs = self._backend.inputs
         if len(inputs) != 1:
             raise ModelError(self.path, f"expected one input, the graph has {len(inputs)}")
-        self.input_name = inputs[0].name
-        shape = inputs[0].shape
+        self.input_name, shape = inputs[0]
         if len(shape) != 4 or shape[1] != 1 or shape[2:] != [self.input_size, self.input_size]:
             raise ModelError(self.path, f"input '{self.input_name}' has shape {shape}, metadata says "
                                         f"[batch, 1, {self.input_size}, {self.input_size}]")
         self.output_name = contract.output_name(self.kind)
-        outputs = [o.name for o in self.session.get_outputs()]
+        outputs = self._backend.outputs
         if self.output_name not in outputs:
             raise ModelError(self.path, f"no '{self.output_name}' output (outputs: {outputs[:5]})")
         if self.kind == "classifier":
             if self.thresholds is None or self.thresholds.shape != (len(self.class_names),):
                 raise ModelError(self.path, "raycxr.thresholds must hold one threshold per class")
+            # the output width is often symbolic in the graph: run it once to know it
+            self.predict(np.zeros((1, 1, self.input_size, self.input_size), np.float32))
+
+    def _verify(self, data: bytes, raw: dict[str, str], meta: dict[str, str]) -> None:
+        stored_graph, stored_meta = meta.get(contract.WEIGHTS_DIGEST), meta.get(contract.METADATA_DIGEST)
+        if not stored_graph or not stored_meta:
+            raise ModelError(self.path, f"no integrity digest ({META_PREFIX}{contract.WEIGHTS_DIGEST}): exported "
+                                        "before digests existed; re-export it with `raycxr export`, or load it "
+                                        "unverified (--allow-unverified-model) if you trust the copy")
+        try:
+            actual = contract.graph_digest(data)
+        except ValueError as exc:
+            raise ModelError(self.path, f"not a loadable ONNX model ({exc})") from None
+        if actual != stored_graph:
+            raise ModelError(self.path, f"integrity check failed: the weights/graph digest is {actual[:16]}..., "
+                                        f"the file says {stored_graph[:16]}... (corrupted or modified copy of "
+                                        f"model_version {meta.get('model_version', '?')}); refusing to load it")
+        if contract.metadata_digest(raw) != stored_meta:
+            raise ModelError(self.path, "integrity check failed: the raycxr.* metadata (classes, thresholds, "
+                                        "version...) was changed after export; refusing to load it")
+        self.verified = True
+
+    @property
+    def backend(self) -> str:
+        return self.backend_name
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """``(B, 1, S, S)`` float32 in [0, 1] -> ``(B, C)`` probabilities (or ``(B, D)`` embeddings)."""
+        """``(B, 1, S, S)`` float32 in [0, 1] -> ``(B, C)`` probabilities (or ``(B, D)`` embeddings).
+
+        A classifier whose output is not ``(B, C)`` raises :class:`ModelError` (never silently cut)."""
         x = np.asarray(images)
         s = self.input_size
         if x.ndim != 4 or x.shape[1:] != (1, s, s):
@@ -90,7 +192,12 @@ class Model:
         if x.shape[0] == 0:
             return np.zeros((0, len(self.class_names) if self.kind == "classifier" else 0), np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+        out = self._backend.run(self.output_name, {self.input_name: x})
+        if self.kind == "classifier" and out.shape != (x.shape[0], len(self.class_names)):
+            raise ModelError(self.path, f"output '{self.output_name}' has shape {list(out.shape)} for a batch of "
+                                        f"{x.shape[0]}, expected [{x.shape[0]}, {len(self.class_names)}] "
+                                        f"(one column per class in raycxr.class_names)")
+        return out
 
     def info(self) -> dict[str, Any]:
         """The model card as JSON-able data (what ``GET /model`` returns)."""
@@ -98,13 +205,15 @@ class Model:
         out["file"] = self.path.name
         out["input_size"] = self.input_size
         out["frontal_only"] = self.frontal_only
+        out["backend"] = self.backend_name
+        out["verified"] = self.verified
         if self.thresholds is not None:
             out["thresholds"] = dict(zip(self.class_names, self.thresholds.tolist()))
         return out
 
     def __repr__(self) -> str:
         return (f"Model({self.path.name!r}, kind={self.kind}, version={self.model_version}, "
-                f"classes={len(self.class_names)}, input={self.input_size})")
+                f"classes={len(self.class_names)}, input={self.input_size}, backend={self.backend_name})")
 
 
 def _decode(value: str) -> Any:

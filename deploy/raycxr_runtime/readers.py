@@ -34,10 +34,20 @@ Why not MONAI's ``PydicomReader``: it applies the rescale only, not the VOI LUT/
 MONOCHROME1 inversion, so a MONOCHROME1 site's images come out as negatives and every site's
 intensity distribution differs by its acquisition range. That is wrong for CXR.
 
+Pixel budget
+------------
+A compressed file can declare far more pixels than it holds: a 14 MB RLE DICOM declaring
+30000 x 30000 decodes to gigabytes. Before any decode, the size the header declares (DICOM:
+*Rows* x *Columns* x *Samples per Pixel* x *Bits Allocated* x *Number of Frames*; rasters: width x
+height x bands) is checked against a :class:`PixelBudget` (default 40 megapixels and 256 MiB
+decoded; environment variables ``RAYCXR_MAX_PIXELS`` and ``RAYCXR_MAX_DECODED_BYTES``, or
+:func:`set_pixel_budget`, or ``budget=`` per call). Over it, the file is refused with an
+:class:`ImageReadError` saying so: training quarantines it, the runtime reports ``error``.
+
 Errors
 ------
 Every failure that is a property of the *file* (missing, not DICOM, truncated, corrupt stream,
-no pixel data, multi-frame, unsupported transfer syntax, too small) raises
+no pixel data, multi-frame, over the pixel budget, unsupported transfer syntax, too small) raises
 :class:`ImageReadError` naming the file and the reason, never a deep library traceback, so a
 loader can quarantine the image (see :mod:`raycxr.quarantine`) and go on.
 """
@@ -46,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +74,16 @@ __all__ = [
     "RASTER_SUFFIXES",
     "SUPPORTED_SUFFIXES",
     "ImageReadError",
+    "PixelBudget",
+    "check_pixel_budget",
     "decoding_plugins",
+    "get_pixel_budget",
     "read_dicom",
     "read_dicom_header",
     "read_image",
     "read_raster",
     "resize",
+    "set_pixel_budget",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +98,67 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _RGB_LIKE = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
 _REQUIRED_IMAGE_ATTRS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
+
+
+@dataclass(frozen=True)
+class PixelBudget:
+    """The most an image may declare before it is decoded (see "Pixel budget" in the module docstring).
+
+    Args:
+        max_pixels: rows x columns of one frame (default 40 million: 6324 x 6324; CXR detectors are
+            about 4300 x 4300 at most).
+        max_bytes: the decoded size, rows x columns x samples x bytes per sample x frames (default 256 MiB).
+    """
+
+    max_pixels: int = 40_000_000
+    max_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if int(self.max_pixels) < MIN_SIZE * MIN_SIZE or int(self.max_bytes) < MIN_SIZE * MIN_SIZE:
+            raise ValueError(f"pixel budget too small: {self}")
+
+    @classmethod
+    def from_env(cls) -> PixelBudget:
+        """The default, overridden by ``RAYCXR_MAX_PIXELS`` / ``RAYCXR_MAX_DECODED_BYTES`` when set
+        (environment variables reach data-loader and Ray workers without extra plumbing)."""
+        base = cls()
+        try:
+            return cls(max_pixels=int(os.environ.get("RAYCXR_MAX_PIXELS") or base.max_pixels),
+                       max_bytes=int(os.environ.get("RAYCXR_MAX_DECODED_BYTES") or base.max_bytes))
+        except ValueError as exc:
+            raise ValueError(f"invalid RAYCXR_MAX_PIXELS / RAYCXR_MAX_DECODED_BYTES: {exc}") from None
+
+
+_budget: PixelBudget | None = None
+
+
+def get_pixel_budget() -> PixelBudget:
+    """The process-wide default budget (from the environment unless :func:`set_pixel_budget` changed it)."""
+    global _budget
+    if _budget is None:
+        _budget = PixelBudget.from_env()
+    return _budget
+
+
+def set_pixel_budget(budget: PixelBudget | None) -> None:
+    """Set the process-wide default budget (``None``: back to the environment's / the default)."""
+    global _budget
+    _budget = budget
+
+
+def check_pixel_budget(path: str | os.PathLike[str], *, rows: int, columns: int, samples: int = 1,
+                       bits: int = 8, frames: int = 1, budget: PixelBudget | None = None) -> None:
+    """Raise :class:`ImageReadError` when the declared image is over ``budget``; allocates nothing."""
+    b = budget or get_pixel_budget()
+    pixels = int(rows) * int(columns)
+    if pixels > b.max_pixels:
+        raise ImageReadError(path, f"over the pixel budget: declares {rows}x{columns} = {pixels / 1e6:.1f} megapixels, "
+                                   f"limit {b.max_pixels / 1e6:.1f} (refused before decoding; a decompression bomb?)")
+    decoded = pixels * max(1, int(samples)) * max(1, -(-int(bits) // 8)) * max(1, int(frames))
+    if decoded > b.max_bytes:
+        raise ImageReadError(path, f"over the pixel budget: {rows}x{columns} x {samples} sample(s) x {bits} bits x "
+                                   f"{frames} frame(s) = {decoded / 2**20:.0f} MiB decoded, limit "
+                                   f"{b.max_bytes / 2**20:.0f} MiB (refused before decoding)")
 
 
 class ImageReadError(Exception):
@@ -102,27 +178,30 @@ class ImageReadError(Exception):
 # ----------------------------------------------------------------------------- dispatch
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], *, budget: PixelBudget | None = None) -> np.ndarray:
     """Read any supported radiograph file as float32 (H, W) in [0, 1].
 
     Dispatch: DICOM suffixes -> :func:`read_dicom`; PNG/JPEG/TIFF suffixes -> :func:`read_raster`;
     anything else (no suffix, or UID-named files such as ``1.2.840.113619.2.55`` whose "suffix"
     is ``.55``) is sniffed: the ``DICM`` marker at byte 128 means DICOM, otherwise it is tried
-    as a raster image and finally as a DICOM data set without preamble.
+    as a raster image and finally as a DICOM data set without preamble. ``budget``: see
+    :class:`PixelBudget` (default :func:`get_pixel_budget`).
     """
     p = _existing_file(path)
     suffix = p.suffix.lower()
     if suffix in DICOM_SUFFIXES:
-        return read_dicom(p)
+        return read_dicom(p, budget=budget)
     if suffix in RASTER_SUFFIXES:
-        return read_raster(p)
+        return read_raster(p, budget=budget)
     if _has_dicm_marker(p):
-        return read_dicom(p)
+        return read_dicom(p, budget=budget)
     try:
-        return read_raster(p)
+        return read_raster(p, budget=budget)
     except ImageReadError as raster_err:
+        if raster_err.reason.startswith("over the pixel budget"):
+            raise
         try:
-            return read_dicom(p)
+            return read_dicom(p, budget=budget)
         except ImageReadError as dicom_err:
             raise ImageReadError(
                 p,
@@ -140,15 +219,16 @@ def read_dicom_header(path: str | os.PathLike[str]) -> pydicom.Dataset:
     return _read_dataset(p, stop_before_pixels=True)
 
 
-def read_dicom(path: str | os.PathLike[str], *, apply_voi: bool = True) -> np.ndarray:
+def read_dicom(path: str | os.PathLike[str], *, apply_voi: bool = True,
+               budget: PixelBudget | None = None) -> np.ndarray:
     """Read a single-frame DICOM radiograph through the display pipeline (see module docstring).
 
     ``apply_voi=False`` skips the VOI LUT / window and min-max scales the modality values
-    instead (MONOCHROME1 is still inverted).
+    instead (MONOCHROME1 is still inverted). The header is checked against ``budget`` before decoding.
     """
     p = _existing_file(path)
     ds = _read_dataset(p, stop_before_pixels=False)
-    _check_image(p, ds)
+    _check_image(p, ds, budget)
     arr = _decode(p, ds)
     try:
         out = _to_display(p, ds, arr, apply_voi=apply_voi)
@@ -207,8 +287,8 @@ def _read_dataset(p: Path, *, stop_before_pixels: bool) -> pydicom.Dataset:
     return ds
 
 
-def _check_image(p: Path, ds: pydicom.Dataset) -> None:
-    """Reject what is not a single-frame radiograph before spending time decoding it."""
+def _check_image(p: Path, ds: pydicom.Dataset, budget: PixelBudget | None = None) -> None:
+    """Reject what is not a single-frame radiograph, or is over the pixel budget, before decoding it."""
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise ImageReadError(p, "float pixel data (parametric map) is not a radiograph")
@@ -225,10 +305,15 @@ def _check_image(p: Path, ds: pydicom.Dataset) -> None:
         frames = int(raw_frames) if raw_frames not in (None, "") else 1
     except (TypeError, ValueError):
         raise ImageReadError(p, f"invalid NumberOfFrames {raw_frames!r}") from None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        spp, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
+    except (TypeError, ValueError) as exc:
+        raise ImageReadError(p, f"invalid image size attributes: {exc}") from None
+    check_pixel_budget(p, rows=rows, columns=cols, samples=spp, bits=bits, frames=max(1, frames), budget=budget)
     if frames > 1:
         raise ImageReadError(p, f"multi-frame DICOM ({frames} frames) is not a single radiograph")
 
-    rows, cols = int(ds.Rows), int(ds.Columns)
     if rows < MIN_SIZE or cols < MIN_SIZE:
         raise ImageReadError(p, f"too small ({rows}x{cols}, minimum {MIN_SIZE}x{MIN_SIZE})")
 
@@ -253,9 +338,13 @@ def _decode(p: Path, ds: pydicom.Dataset) -> np.ndarray:
         )
     try:
         arr = ds.pixel_array
-    except MemoryError:
+    except (MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 (Rust decoders raise pyo3's PanicException, a BaseException)
+        if not isinstance(exc, Exception):
+            detail = " ".join(str(exc).split())[:300]
+            raise ImageReadError(p, f"the {ts.name} decoder crashed on this file ({type(exc).__name__}: {detail})") \
+                from None
         detail = " ".join(str(exc).split())  # pydicom lists per-plugin failures on several lines
         missing = "; ".join(decoder.missing_dependencies)
         if missing and "not support" in detail:
@@ -398,15 +487,20 @@ def _has_dicm_marker(p: Path) -> bool:
 # ----------------------------------------------------------------------------- PNG / JPEG / TIFF
 
 
-def read_raster(path: str | os.PathLike[str]) -> np.ndarray:
+def read_raster(path: str | os.PathLike[str], *, budget: PixelBudget | None = None) -> np.ndarray:
     """Read a PNG / JPEG / TIFF radiograph as float32 (H, W) in [0, 1].
 
     8-bit data is divided by 255, 16-bit (mode ``I;16*``, or ``I`` within 0..65535) by 65535;
-    RGB(A) becomes BT.601 luma with the alpha channel dropped. EXIF orientation is applied.
+    RGB(A) becomes BT.601 luma with the alpha channel dropped. EXIF orientation is applied. The
+    declared size is checked against ``budget`` before the pixels are decoded.
     """
     p = _existing_file(path)
     try:
         with Image.open(p) as im:
+            w, h = im.size
+            check_pixel_budget(p, rows=h, columns=w, samples=len(im.getbands()),
+                               bits=16 if im.mode.startswith("I;16") else 32 if im.mode in ("I", "F") else 8,
+                               budget=budget)
             frames = int(getattr(im, "n_frames", 1))
             if frames > 1:
                 raise ImageReadError(p, f"multi-page image ({frames} pages) is not a single radiograph")

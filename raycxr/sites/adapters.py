@@ -23,6 +23,7 @@ PadChest ``0/ ... 54/``, SIIM ``<study>/<series>/<image>.dcm``) all work.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 import os
@@ -40,6 +41,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from raycxr.manifest import Manifest, assign_splits
 
@@ -356,6 +358,12 @@ class SiteAdapter:
     source: str = ""
     options: ClassVar[dict[str, Any]] = {}
     extensions: ClassVar[tuple[str, ...]] = (".png",)
+    # folder / generic_csv: read each image's header when the site is built (see _header_checks)
+    header_checks: ClassVar[bool] = False
+
+    def _patient_from_header(self, opts: dict[str, Any]) -> bool:
+        """Whether the DICOM header's PatientID (hashed) replaces the patient id the table / layout gave."""
+        return False
 
     def option_defaults(self) -> dict[str, Any]:
         """All options this adapter accepts, with their defaults."""
@@ -409,6 +417,12 @@ class SiteAdapter:
             d = frame.loc[no_pid]
             dropped += _drops(d["image_id"], d["path"], ["no patient id"] * len(d))
             frame = frame.loc[~no_pid]
+
+        if self.header_checks and opts.get("header_checks", True):
+            frame, more, checked = _header_checks(root, frame.reset_index(drop=True),
+                                                  patient_from_header=self._patient_from_header(opts))
+            dropped += more
+            parsed.meta["header_checks"] = checked
 
         n_beyond = 0
         if limit is not None and len(frame) > limit:
@@ -1142,6 +1156,92 @@ def _rel_posix(p: str) -> str:
     return p
 
 
+# -- header checks at build time (folder, generic_csv) -------------------------------------------------
+HEADER_CHECK_OPTIONS: dict[str, Any] = {"header_checks": True}
+_SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture: how many public CXR sets ship (SIIM): accepted
+
+
+def hash_patient_id(patient_id: str) -> str:
+    """A pseudonymous patient key from a DICOM PatientID (sha256; the clear ID is never stored)."""
+    return "pt-" + hashlib.sha256(b"raycxr-patient\0" + str(patient_id).strip().encode("utf-8")).hexdigest()[:20]
+
+
+def _image_facts(full: Path) -> tuple[str | None, str | None, str | None, list[str]]:
+    """``(hashed patient, SOPInstanceUID, pixel hash, scope flags)`` of one image file; ``(None, None, None, [])``
+    when it cannot be read here (the reader quarantines it later with the real reason)."""
+    from raycxr_runtime.readers import DICOM_SUFFIXES, ImageReadError, _has_dicm_marker, check_pixel_budget
+    from raycxr_runtime.safety import check_header
+
+    if full.suffix.lower() in DICOM_SUFFIXES or _has_dicm_marker(full):
+        import pydicom
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(full)
+        except Exception:  # not readable as DICOM: the image reader reports it (quarantine)
+            return None, None, None, []
+        flags, _ = check_header(ds, frontal_only=False)  # lateral views are training data
+        if str(ds.get("SOPClassUID") or "") == _SC_STORAGE:
+            flags = [f for f in flags if not f.startswith("not a radiograph image object")]
+        pid = str(ds.get("PatientID") or "").strip()
+        uid = str(ds.get("SOPInstanceUID") or "").strip() or None
+        pixels = ds.get("PixelData")
+        digest = hashlib.sha256(bytes(pixels)).hexdigest() if pixels else None
+        return (hash_patient_id(pid) if pid else None), uid, digest, flags
+    try:
+        with Image.open(full) as im:
+            check_pixel_budget(full, rows=im.size[1], columns=im.size[0], samples=len(im.getbands()))
+            h = hashlib.sha256(f"{im.mode}{im.size}".encode())
+            h.update(im.tobytes())
+            return None, None, h.hexdigest(), []
+    except (ImageReadError, OSError, ValueError, Image.DecompressionBombError):
+        return None, None, None, []
+
+
+def _header_checks(root: Path, frame: pd.DataFrame, *, patient_from_header: bool) -> tuple[pd.DataFrame, list[dict],
+                                                                                          dict[str, int]]:
+    """What a folder or a CSV export cannot say about its images, read from the images themselves:
+
+    - **scope**: the runtime's header check (:func:`raycxr_runtime.safety.check_header`: modality,
+      body part, SOP class; lateral views are kept, Secondary Capture is accepted): an extremity CR
+      is dropped with the reason instead of entering training;
+    - **patient**: with ``patient_from_header``, the DICOM PatientID, hashed, replaces the id the
+      layout implied (a file stem is not a patient);
+    - **duplicates**: a second image with the same SOPInstanceUID, or the same pixels, is dropped
+      ("duplicate of <image_id>"), so copies cannot land in two splits.
+    """
+    keep = np.ones(len(frame), bool)
+    dropped: list[dict] = []
+    pids = list(frame["patient_id"])
+    seen_uid: dict[str, str] = {}
+    seen_pixels: dict[str, str] = {}
+    stats = {"out_of_scope": 0, "duplicates": 0, "patient_from_header": 0}
+    for i, (image_id, rel) in enumerate(zip(frame["image_id"], frame["path"])):
+        pid, uid, digest, flags = _image_facts(root / rel)
+        if flags:
+            keep[i] = False
+            stats["out_of_scope"] += 1
+            dropped.append(_drop(image_id, rel, "out of scope: " + "; ".join(flags)))
+            continue
+        first = (seen_uid.get(uid) if uid else None) or (seen_pixels.get(digest) if digest else None)
+        if first is not None:
+            keep[i] = False
+            stats["duplicates"] += 1
+            same = "same SOPInstanceUID" if uid and seen_uid.get(uid) == first else "same pixels"
+            dropped.append(_drop(image_id, rel, f"duplicate of {first} ({same})"))
+            continue
+        if uid:
+            seen_uid[uid] = str(image_id)
+        if digest:
+            seen_pixels[digest] = str(image_id)
+        if patient_from_header and pid:
+            pids[i] = pid
+            stats["patient_from_header"] += 1
+    out = frame.assign(patient_id=pids).loc[keep].reset_index(drop=True)
+    return out, dropped, stats
+
+
 @register_adapter("generic_csv")
 class GenericCSVAdapter(SiteAdapter):
     """A hospital's own table: one row per image, labels as one column per class or one joined column."""
@@ -1153,9 +1253,13 @@ class GenericCSVAdapter(SiteAdapter):
         "study_col": None, "sex_col": None, "age_col": None, "view_col": None, "report_col": None,
         "split_col": None, "label_cols": None, "positive_values": _DEFAULT_POSITIVE,
         "negative_values": _DEFAULT_NEGATIVE, "uncertain_values": _DEFAULT_UNCERTAIN,
-        "labels_col": None, "sep": "|", "label_names": None, "source_name": None,
+        "labels_col": None, "sep": "|", "label_names": None, "source_name": None, **HEADER_CHECK_OPTIONS,
     }
     extensions = ("",)
+    header_checks = True
+
+    def _patient_from_header(self, opts: dict[str, Any]) -> bool:
+        return opts["patient_col"] is None  # a table's own patient column wins
 
     def _parse(self, root: Path, index: _FileIndex, opts: dict[str, Any]) -> _Parsed:
         if opts["csv"] is None:
@@ -1315,12 +1419,21 @@ _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp
 
 @register_adapter("folder")
 class FolderAdapter(SiteAdapter):
-    """``root/<Class>/<file>``: one-hot labels over the class folders; loose images only: unlabelled."""
+    """``root/<Class>/<file>``: one-hot labels over the class folders; loose images only: unlabelled.
+
+    The patient is the file stem (or ``patient_regex``), unless the image is a DICOM with a
+    PatientID: then that, hashed. Duplicates and out-of-scope DICOMs are dropped (see
+    :func:`_header_checks`; ``header_checks=false`` turns that off)."""
 
     description = "ImageFolder layout: class sub-folders give one-hot labels, or an unlabelled folder"
     source = "image folder"
-    options: ClassVar[dict[str, Any]] = {"patient_regex": None, "image_extensions": _IMAGE_EXTS}
+    options: ClassVar[dict[str, Any]] = {"patient_regex": None, "image_extensions": _IMAGE_EXTS,
+                                         "patient_from_header": True, **HEADER_CHECK_OPTIONS}
     extensions = ("",)
+    header_checks = True
+
+    def _patient_from_header(self, opts: dict[str, Any]) -> bool:
+        return bool(opts["patient_from_header"])
 
     def _parse(self, root: Path, index: _FileIndex, opts: dict[str, Any]) -> _Parsed:
         exts = tuple(e.lower() for e in opts["image_extensions"])
@@ -1375,7 +1488,8 @@ class ManifestAdapter(SiteAdapter):
     """A site whose manifest already exists (the synthetic demo sites, or one built elsewhere).
 
     ``build`` reads and validates it; with ``require_files`` (default) rows whose image is absent
-    move to ``dropped``, like every other adapter.
+    move to ``dropped``, like every other adapter. The rows and the metadata take the site's own
+    name (a copy of another site's folder is renamed, ``renamed_from`` records the old name).
     """
 
     description = "an existing raycxr manifest.parquet (synthetic sites, or built elsewhere)"
@@ -1401,4 +1515,20 @@ class ManifestAdapter(SiteAdapter):
         limit = options.get("limit")
         if limit is not None:
             keep &= np.cumsum(keep) <= int(limit)
-        return AdapterResult(manifest.select(keep) if not keep.all() else manifest, dropped)
+        manifest = manifest.select(keep) if not keep.all() else manifest
+        return AdapterResult(_renamed(manifest, site), dropped)
+
+
+def _renamed(manifest: Manifest, site: str) -> Manifest:
+    """The manifest under the site's own (YAML) name: a copied site (data/demo/siim registered as
+    ``site5``) keeps ``site='siim'`` in its rows otherwise, and training looks rows up by the YAML name."""
+    import pyarrow as pa
+
+    names = sorted(set(manifest.table["site"].to_pylist()))
+    if names in ([site], []) and manifest.site_meta.get("name", site) == site:
+        return manifest
+    i = manifest.table.schema.get_field_index("site")
+    table = manifest.table.set_column(i, manifest.table.schema.field(i),
+                                      pa.array([site] * len(manifest), pa.string()))
+    meta = {**manifest.site_meta, "name": site, "renamed_from": names}
+    return Manifest(table, manifest.label_names, meta, manifest.source)
