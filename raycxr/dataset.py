@@ -127,6 +127,7 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
             objective (its labels are then not training targets; evaluation always keeps them).
     """
     tf = transforms_from_config(transforms, train=train)
+    tf.set_random_state(seed=int(seed) * 1009 + int(site_index))  # seeded augmentation: a run repeats exactly
     view2 = None
     if second_view:
         clean = second_view != "augmented" and site.objective == "supervised"

@@ -117,6 +117,11 @@ def print_demo_summary(cfg: DictConfig, out: dict[str, Any]) -> None:
                       f"{secs['export']:.0f}", str(e.get("out", "")))
     table.add_row("total", "", f"{secs['total']:.0f}", "")
     Console().print(table)
+    if "eval" in out:
+        from .eval.report import summary_lines
+
+        for line in summary_lines(out["eval"]):
+            print(line)
 
 
 def corpus_report(cfg: DictConfig) -> dict[str, Any]:
@@ -133,7 +138,9 @@ def corpus_report(cfg: DictConfig) -> dict[str, Any]:
     if missing:
         print(f"[1/6] synthesising {len(missing)} site(s) into {corpus}")
         synthesize(corpus, missing, n_per_site=s.n_per_site, seed=s.seed, render_size=s.render_size,
-                   workers=s.workers, overwrite=True, preview=s.preview)
+                   workers=s.workers, overwrite=True, preview=s.preview,
+                   enrich=OmegaConf.to_container(s.enrich) if s.enrich else None,
+                   split_fractions=list(s.split_fractions))
     else:
         print(f"[1/6] demo corpus found in {corpus} (delete it or run `raycxr synth overwrite=true` to rebuild)")
     new = register_synthetic_sites(names, corpus, sites_dir, data_root)

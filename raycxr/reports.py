@@ -343,7 +343,8 @@ def entity_text(report: str | None, positive_label_names: Sequence[str] = (), *,
     * report with findings: per sentence that has positive (incl. uncertain) entities,
       ``' [ENT] e1 [ENT] e2' + ' [SEP] '``, concatenated. Entities are the report's own words
       (RadGraph-like, lower-cased) or, with ``use_names``, canonical class names;
-    * report without findings: the report text (whitespace normalised) + ``' [SEP] '``;
+    * report without findings: each of its sentences (whitespace normalised) + ``' [SEP] '``, as the
+      authors build the caption fallback (U.2);
     * no report: ``'A [SEP] B [SEP] '`` from ``positive_label_names``, ``''`` when there are none.
     """
     if report and isinstance(report, str) and report.strip():
@@ -357,5 +358,6 @@ def entity_text(report: str | None, positive_label_names: Sequence[str] = (), *,
                 ents.append(word)
         if per_sentence:
             return "".join("".join(f" [ENT] {e}" for e in ents) + " [SEP] " for _, ents in sorted(per_sentence.items()))
-        return " ".join(report.split()) + " [SEP] "
+        sentences = [" ".join(s.text.split()) for s in split_sentences(report) if s.text.strip()]
+        return "".join(f"{s} [SEP] " for s in sentences) or " ".join(report.split()) + " [SEP] "
     return "".join(f"{n} [SEP] " for n in positive_label_names)

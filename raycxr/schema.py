@@ -29,6 +29,20 @@ class SitesSection:
 
 
 @dataclass
+class ScheduleSection:
+    kind: str = MISSING
+    warmup: float = MISSING
+    min_lr: float = MISSING
+
+
+@dataclass
+class TrackingSection:
+    backend: str = MISSING
+    uri: Optional[str] = MISSING
+    experiment: str = MISSING
+
+
+@dataclass
 class ValSection:
     enabled: bool = MISSING
     split: str = MISSING
@@ -40,6 +54,7 @@ class EncoderSection:
     name: str = MISSING
     embed_dim: Optional[int] = MISSING
     checkpoint: Optional[str] = MISSING
+    norm: str = MISSING
 
 
 @dataclass
@@ -53,6 +68,8 @@ class TextSection:
     kind: str = MISSING
     model_dir: Optional[str] = MISSING
     max_length: int = MISSING
+    cache_size: int = MISSING
+    train_projection: bool = MISSING
 
 
 @dataclass
@@ -79,6 +96,7 @@ class UniChestLossSection:
     scl_weight: float = MISSING
     text_branch: bool = MISSING
     fourier_p: float = MISSING
+    fourier_space: str = MISSING
 
 
 @dataclass
@@ -94,6 +112,7 @@ class UniChestSection:
     lr: float = MISSING
     weight_decay: float = MISSING
     query: QuerySection = MISSING
+    share_norm: bool = MISSING
     loss: UniChestLossSection = MISSING
 
 
@@ -103,11 +122,13 @@ class ArkSection:
     order: Optional[list[str]] = MISSING
     proj_dim: int = MISSING
     mlp_projector: bool = MISSING
+    optimizer: str = MISSING
     lr: float = MISSING
     weight_decay: float = MISSING
     momentum_base: float = MISSING
     consistency_max: float = MISSING
     ema_mode: str = MISSING
+    tencrop: bool = MISSING
 
 
 @dataclass
@@ -186,6 +207,8 @@ class PretrainConfig:
     num_workers: int = MISSING
     max_steps_per_epoch: Optional[int] = MISSING
     probe_size: int = MISSING
+    schedule: ScheduleSection = MISSING
+    tracking: TrackingSection = MISSING
     val: ValSection = MISSING
     encoder: EncoderSection = MISSING
     transforms: TransformsSection = MISSING
@@ -232,6 +255,7 @@ class LinearProbeSection:
     sites: Any = MISSING  # null, "all" or a list of names
     C: float = MISSING
     max_iter: int = MISSING
+    random_baseline: bool = MISSING
 
 
 @dataclass
@@ -263,6 +287,7 @@ class EvalConfig:
     batch_size: int = MISSING
     limit: Optional[int] = MISSING
     bootstrap: int = MISSING
+    min_positives: int = MISSING
     seed: int = MISSING
     threads: Optional[int] = MISSING
     zero_shot: ZeroShotSection = MISSING
@@ -301,6 +326,8 @@ class ExportConfig:
     int8: bool = MISSING
     int8_mode: str = MISSING
     calibration_images: int = MISSING
+    bundle: bool = MISSING
+    bundle_version: str = MISSING
 
 
 @dataclass
@@ -407,6 +434,7 @@ class StudyConfig:
     runner: str = MISSING
     cpus_per_cell: float = MISSING
     ray: StudyRaySection = MISSING
+    tracking: TrackingSection = MISSING
     corpus: StudyCorpusSection = MISSING
     target: str = MISSING
     pretrain_sites: list[str] = MISSING
@@ -431,19 +459,23 @@ _POSITIVE = 1
 RULES: dict[str, dict[str, Any]] = {
     "pretrain": {
         "image_size": _POSITIVE, "batch_size": _POSITIVE, "num_workers": 0, "max_steps_per_epoch": _POSITIVE,
-        "probe_size": 0, "threads": _POSITIVE, "runner": ("local", "ray"), "precision": ("auto", "fp32", "bf16"),
+        "probe_size": 0, "threads": _POSITIVE, "schedule.kind": ("cosine", "constant", "none"),
+        "tracking.backend": ("none", "mlflow", "tensorboard"),
+        "schedule.warmup": 0.0, "runner": ("local", "ray"), "precision": ("auto", "fp32", "bf16"),
         "val.limit": _POSITIVE, "encoder.embed_dim": _POSITIVE, "text.max_length": _POSITIVE,
         "unichest.conquer_epochs": 0, "unichest.divide_epochs": 0, "unichest.divide_from": ("best", "last"),
         "unichest.n_experts": 2, "unichest.scl_dim": _POSITIVE, "unichest.lr": 0.0, "unichest.weight_decay": 0.0,
-        "unichest.loss.asl_reduction": ("sum", "mean"), "unichest.query.n_layers": _POSITIVE,
+        "unichest.loss.asl_reduction": ("sum", "mean"), "unichest.loss.fourier_space": ("image", "normalized"),
+        "unichest.query.n_layers": _POSITIVE,
         "unichest.query.n_heads": _POSITIVE, "unichest.query.ffn": _POSITIVE,
         "ark.rounds": 0, "ark.proj_dim": _POSITIVE, "ark.lr": 0.0, "ark.ema_mode": ("epoch", "iteration"),
+        "ark.optimizer": ("sgd", "adamw"),
         "baseline.epochs": 0, "baseline.lr": 0.0, "selfsup.epochs": 0, "selfsup.proj_dim": _POSITIVE,
         "selfsup.objective": ("simclr", "mocov2", "vicreg", "clip", "slip"),
         "ray.num_workers": _POSITIVE, "ray.max_failures": 0, "ray.num_to_keep": _POSITIVE, "ray.prefetch": _POSITIVE,
     },
-    "eval": {"batch_size": _POSITIVE, "bootstrap": 0, "limit": _POSITIVE, "fine_tune.epochs": 0,
-             "fine_tune.min_images": _POSITIVE, "attention.n": 0},
+    "eval": {"batch_size": _POSITIVE, "bootstrap": 0, "min_positives": _POSITIVE, "limit": _POSITIVE,
+             "fine_tune.epochs": 0, "fine_tune.min_images": _POSITIVE, "attention.n": 0},
     "export": {"opset": 11, "batch_size": _POSITIVE, "exporter": ("legacy", "dynamo"),
                "int8_mode": ("dynamic", "static"), "parity.batch": _POSITIVE, "calibration_images": _POSITIVE},
     "segment": {"image_size": _POSITIVE, "epochs": 0, "batch_size": _POSITIVE, "max_steps_per_epoch": _POSITIVE},

@@ -86,7 +86,8 @@ class TextEncoder(nn.Module):
     """
 
     def __init__(self, model_dir: str | Path, embed_dim: int | None = None, max_length: int = 256,
-                 freeze: bool = True, *, pooling: str = "auto", dropout_when_frozen: bool = False):
+                 freeze: bool = True, *, pooling: str = "auto", dropout_when_frozen: bool = False,
+                 cache_size: int = 100_000, train_projection: bool = True):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -122,7 +123,11 @@ class TextEncoder(nn.Module):
         self.max_length = int(min(max_length, limit))
         self.frozen = bool(freeze)
         self.dropout_when_frozen = bool(dropout_when_frozen)
+        self.cache_size = int(cache_size)  # frozen features kept per string (0: no cache)
+        self._cache: dict[str, torch.Tensor] = {}
         self.mlp_embed = nn.Sequential(nn.Linear(self.hidden_size, self.dim), nn.GELU(), nn.Linear(self.dim, self.dim))
+        # the authors freeze the projection too (the whole tower, U.2); trained here by default (see the config)
+        self.mlp_embed.requires_grad_(bool(train_projection))
         if self.frozen:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -145,7 +150,26 @@ class TextEncoder(nn.Module):
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def features(self, texts: Sequence[str]) -> torch.Tensor:
-        """Pooled backbone features ``(B, hidden_size)``, before ``mlp_embed``."""
+        """Pooled backbone features ``(B, hidden_size)``, before ``mlp_embed``.
+
+        A frozen backbone in eval mode gives the same features for the same string every time, so they are
+        computed once per string and cached (UniChest encodes the same class names at every step, and the
+        label-name texts of sites without reports repeat). Deliberate difference: the authors run the frozen
+        BERT in train mode, dropout on (REFERENCE U.2); ``dropout_when_frozen=True`` does that, uncached."""
+        if self.frozen and not self.backbone.training and self.cache_size:
+            if self._cache and next(iter(self._cache.values())).device != self.device:
+                self._cache.clear()  # the module moved to another device
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if missing:
+                if len(self._cache) + len(missing) > self.cache_size:
+                    self._cache.clear()  # a bounded memory: start over rather than grow without end
+                with torch.no_grad():
+                    feats = self._encode(missing)
+                self._cache.update(zip(missing, feats))
+            return torch.stack([self._cache[t] for t in texts])
+        return self._encode(texts)
+
+    def _encode(self, texts: Sequence[str]) -> torch.Tensor:
         batch = self.tokenize(texts)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.backbone(**batch)

@@ -255,3 +255,37 @@ def test_a_method_from_a_test_file_trains_through_the_ray_runner(small_corpus, t
         ray.shutdown()
     assert [h["epoch"] for h in res["history"]] == [0] and res["history"][0]["steps"] == 1
     assert load_pretrained(tmp_path / "run").method == "tiny"
+
+
+def test_the_learning_rate_schedule_by_hand_and_across_a_resume():
+    from raycxr.methods.base import LRSchedule
+
+    def lrs(opt, n):
+        out = []
+        for _ in range(n):
+            out.append(round(opt.param_groups[0]["lr"], 6))
+            opt.step()
+        return out
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    LRSchedule(opt, 10, kind="cosine", warmup=0.2, min_lr=0.0)  # 2 warm-up steps, then 8 of cosine
+    full = lrs(opt, 10)
+    assert full[:3] == [0.5, 1.0, 1.0] and full[6] == pytest.approx(0.5) and full[-1] == pytest.approx(0.038060, 1e-4)
+    # a resumed run continues the curve: the same optimiser state, the step count from the checkpoint
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    opt2.load_state_dict(opt.state_dict())  # carries the peak rate ('initial_lr'), not the last scheduled one
+    LRSchedule(opt2, 10, kind="cosine", warmup=0.2, min_lr=0.0, step=6)
+    assert lrs(opt2, 4) == pytest.approx(full[6:], abs=1e-6)
+    opt3 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    LRSchedule(opt3, 4, kind="constant", warmup=2)
+    assert lrs(opt3, 4) == pytest.approx([0.05, 0.1, 0.1, 0.1])
+
+
+def test_a_resumed_run_continues_the_schedule(small_sites, tmp_path):
+    run_pretrain(cfg(small_sites, tmp_path, "method=mixed", "baseline.epochs=1"))
+    first = Checkpoint.load(tmp_path)
+    run_pretrain(cfg(small_sites, tmp_path, "method=mixed", "baseline.epochs=2",
+                     f"resume={tmp_path}"))
+    last = Checkpoint.load(tmp_path)
+    assert first.meta["lr_step"] == 2 and last.meta["lr_step"] == 4  # max_steps_per_epoch=2 per epoch

@@ -176,7 +176,7 @@ def test_entity_text_branches():
         " [ENT] Cardiomegaly [SEP]  [ENT] Cardiomegaly [ENT] Pleural Effusion [SEP] ")
     # no positive entity: the report itself (whitespace normalised)
     fallback = entity_text("The lungs are clear.\nNo pneumothorax.", ["X"])
-    assert fallback == "The lungs are clear. No pneumothorax. [SEP] "
+    assert fallback == "The lungs are clear. [SEP] No pneumothorax. [SEP] "  # one [SEP] per sentence (U.2)
     # no report: the positive label names, '' when there are none
     assert entity_text(None, ["Nodule/Mass", "Tuberculosis"]) == "Nodule/Mass [SEP] Tuberculosis [SEP] "
     assert entity_text(None, []) == "" and entity_text(float("nan"), []) == ""
@@ -329,3 +329,22 @@ def test_small_bert_files(small_dir):
     model = AutoModel.from_pretrained(small_dir, local_files_only=True)
     assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
     assert tok("no effusion")["input_ids"][0] == tok.cls_token_id
+
+
+def test_frozen_text_features_are_cached_per_string_and_equal_the_uncached_ones():
+    enc = TextEncoder(text_model_dir("shipped"), embed_dim=16, max_length=16).eval()
+    calls = []
+    enc.backbone.register_forward_hook(lambda *a: calls.append(1))
+    names = ["Cardiomegaly", "Pleural Effusion", "Edema"]
+    with torch.no_grad():
+        a = enc.features(names)
+        b = enc.features(list(reversed(names)) + ["Edema"])
+    assert len(calls) == 1  # the second call was served from the cache
+    uncached = TextEncoder(text_model_dir("shipped"), embed_dim=16, max_length=16, cache_size=0).eval()
+    with torch.no_grad():
+        ref = uncached.features(names)
+    assert torch.allclose(a, ref, atol=1e-5) and torch.equal(b[0], a[2]) and torch.equal(b[3], a[2])
+    enc.dropout_when_frozen = True  # the authors' dropout in train mode: never cached
+    enc.train()
+    enc.features(names)
+    assert len(calls) == 2

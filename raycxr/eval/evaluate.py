@@ -29,9 +29,11 @@ from tqdm import tqdm
 
 from ..dataset import site_dataset
 from ..methods import Pretrained, load_pretrained
+from ..models.classifiers import EmbeddingModel
 from ..sites.config import SiteConfig, discover_sites
 from .predict import SitePredictions, predict_site
 from .report import jsonable as _jsonable
+from .report import summary_lines
 from .transfer import fine_tune_model, fit_linear_probe, linear_probe_probs, train_subset
 
 
@@ -57,22 +59,41 @@ def reliability(pred: SitePredictions, thresholds: np.ndarray) -> dict[str, Any]
 
 
 def score_site(model: nn.Module, site: SiteConfig, class_names: list[str], *, image_size: int, cfg: DictConfig,
-               ood: bool) -> dict[str, Any]:
-    """The classifier on one site's test split: metrics, CIs and reliability over the classes it annotates."""
+               ood: bool, keep: dict[str, SitePredictions] | None = None) -> dict[str, Any]:
+    """The classifier on one site's test split: metrics, CIs and reliability over the classes it annotates
+    (the predictions also go into ``keep``, for the pooled figures)."""
     from .metrics import classification_metrics
 
     pred = predict_site(model, site, class_names, split=cfg.split, image_size=image_size,
                         batch_size=cfg.batch_size, limit=cfg.get("limit"))
+    if keep is not None:
+        keep[site.name] = pred
     cols = pred.annotated_classes()
     if not cols or not len(pred.probs):
         return {"split": cfg.split, "ood": ood, "skipped": "no annotated classes in common with the model"}
     names = [class_names[j] for j in cols]
     res = classification_metrics(pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols], names,
-                                 n_boot=int(cfg.bootstrap))
+                                 n_boot=int(cfg.bootstrap), min_positives=int(cfg.min_positives))
     th = np.full(len(class_names), 0.5)
     th[cols] = [res["per_class"][n]["threshold"] for n in names]
     return {"split": cfg.split, "ood": ood, "n_images": len(pred.probs), "unreadable": pred.skipped,
             "metrics": res, **reliability(pred, th)}
+
+
+def pooled(preds: dict[str, SitePredictions], names: list[str], class_names: list[str],
+           cfg: DictConfig) -> dict[str, Any]:
+    """The classifier on the training sites' test splits pooled into one set: per class AUC with its
+    positives (what a single decision threshold across the sites faces; note that pooling rewards
+    telling the sites apart when their prevalence differs)."""
+    from .metrics import classification_metrics
+
+    p = np.concatenate([preds[n].probs for n in names])
+    t = np.concatenate([preds[n].targets for n in names])
+    m = np.concatenate([preds[n].mask for n in names])
+    cols = [j for j in range(len(class_names)) if m[:, j].any()]
+    res = classification_metrics(p[:, cols], t[:, cols], m[:, cols], [class_names[j] for j in cols],
+                                 n_boot=int(cfg.bootstrap), min_positives=int(cfg.min_positives))
+    return {"sites": names, "n_images": int(len(p)), "metrics": res}
 
 
 def zero_shot(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> dict[str, Any]:
@@ -86,7 +107,8 @@ def zero_shot(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> dict[str, A
                         limit=cfg.get("limit"))
     cols = pred.annotated_classes()
     names = [own[j] for j in cols]
-    res = classification_metrics(pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols], names)
+    res = classification_metrics(pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols], names,
+                                 min_positives=int(cfg.min_positives))
     known = {n.lower() for n in pre.class_names}
     from ..labels import canonical_name
 
@@ -97,10 +119,22 @@ def zero_shot(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> dict[str, A
     return res
 
 
-def _embeddings(pre: Pretrained, site: SiteConfig, split: str, cfg: DictConfig) -> SitePredictions:
+def _embeddings(pre: Pretrained, site: SiteConfig, split: str, cfg: DictConfig,
+                encoder: nn.Module | None = None) -> SitePredictions:
     own = site.load_manifest().label_names
-    return predict_site(pre.embedding_model, site, own, split=split, image_size=pre.image_size,
+    model = pre.embedding_model if encoder is None else EmbeddingModel(encoder).eval()
+    return predict_site(model, site, own, split=split, image_size=pre.image_size,
                         batch_size=cfg.batch_size, limit=cfg.get("limit"))
+
+
+def random_encoder(pre: Pretrained, seed: int) -> nn.Module:
+    """The run's encoder architecture with random weights: the "random init" baseline of a probe."""
+    from omegaconf import OmegaConf
+
+    from ..models.factory import build_encoder
+
+    torch.manual_seed(int(seed))
+    return build_encoder(OmegaConf.create(pre.config), checkpoint=False).eval()
 
 
 def linear_probe(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> tuple[dict[str, Any], dict]:
@@ -109,15 +143,39 @@ def linear_probe(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> tuple[di
     Returns the test metrics and the fitted weights in embedding space (for linear-probe-then-fine-tune)."""
     from .metrics import classification_metrics
 
-    tr, te = _embeddings(pre, site, "train", cfg), _embeddings(pre, site, cfg.split, cfg)
-    w, b = fit_linear_probe(tr.probs, tr.targets, tr.mask, C=float(cfg.linear_probe.C),
-                            max_iter=int(cfg.linear_probe.max_iter))
-    probs = linear_probe_probs(te.probs, w, b)
+    lp = cfg.linear_probe
+
+    def probe(encoder: nn.Module | None) -> tuple[np.ndarray, SitePredictions, np.ndarray, np.ndarray, int]:
+        tr, te = _embeddings(pre, site, "train", cfg, encoder), _embeddings(pre, site, cfg.split, cfg, encoder)
+        w, b = fit_linear_probe(tr.probs, tr.targets, tr.mask, C=float(lp.C), max_iter=int(lp.max_iter))
+        return linear_probe_probs(te.probs, w, b), te, w, b, len(tr.probs)
+
+    probs, te, w, b, n_train = probe(None)
     cols = te.annotated_classes()
     names = [te.class_names[j] for j in cols]
-    res = classification_metrics(probs[:, cols], te.targets[:, cols], te.mask[:, cols], names)
-    res["n_train"] = len(tr.probs)
+    res = classification_metrics(probs[:, cols], te.targets[:, cols], te.mask[:, cols], names,
+                                 min_positives=int(cfg.min_positives))
+    res["n_train"] = n_train
+    if lp.get("random_baseline"):
+        res["vs_random"] = _against_random(probs, probe(random_encoder(pre, int(cfg.seed)))[0], te, cols, names, cfg)
     return res, {"weight": torch.from_numpy(w), "bias": torch.from_numpy(b)}
+
+
+def _against_random(probs: np.ndarray, random_probs: np.ndarray, te: SitePredictions, cols: list[int],
+                    names: list[str], cfg: DictConfig) -> dict[str, Any]:
+    """The probe on the pretrained encoder against the same probe on a random-init encoder: both mean AUCs
+    over the estimable classes and their paired-bootstrap difference."""
+    from .metrics import classification_metrics, contrast_bootstrap, estimable_classes
+
+    t, m = te.targets[:, cols], te.mask[:, cols]
+    est = np.flatnonzero(estimable_classes(t, m, int(cfg.min_positives)))
+    rand = classification_metrics(random_probs[:, cols], t, m, names, min_positives=int(cfg.min_positives))
+    out: dict[str, Any] = {"random_mean_auc": rand["mean"]["auc"], "classes": [names[j] for j in est]}
+    if not len(est):
+        return {**out, "difference": None, "ci": None, "note": "no estimable class"}
+    c = contrast_bootstrap([([(1.0, [probs[:, cols][:, est]]), (-1.0, [random_probs[:, cols][:, est]])],
+                             t[:, est], m[:, est])], n_boot=max(int(cfg.bootstrap), 100), seed=int(cfg.seed))
+    return {**out, "difference": c["estimate"], "ci": list(c["ci"]), "n_valid": c["n_valid"]}
 
 
 def fine_tune(pre: Pretrained, site: SiteConfig, fraction: float, cfg: DictConfig, *,
@@ -136,7 +194,7 @@ def fine_tune(pre: Pretrained, site: SiteConfig, fraction: float, cfg: DictConfi
                         batch_size=cfg.batch_size, limit=cfg.get("limit"), progress=False)
     cols = pred.annotated_classes()
     res = classification_metrics(pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols],
-                                 [own[j] for j in cols])
+                                 [own[j] for j in cols], min_positives=int(cfg.min_positives))
     return {"mean_auc": res["mean"]["auc"], "mean_f1": res["mean"]["f1"], "n_train": len(idx), "steps": steps}
 
 
@@ -208,13 +266,14 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         if cfg.fine_tune.lp_ft:
             steps += [(n, "lp_ft") for n in ft_sites]
     heads: dict[str, dict] = {}
+    preds: dict[str, SitePredictions] = {}
     bar = tqdm(steps, desc="raycxr eval", unit="step", dynamic_ncols=True)
     for name, what in bar:
         bar.set_postfix_str(f"{name}: {what}")
         site = sites[name]
         if what == "classifier":
             results["sites"][name] = score_site(pre.classifier, site, pre.class_names, image_size=pre.image_size,
-                                                cfg=cfg, ood=name not in pre.sites)
+                                                cfg=cfg, ood=name not in pre.sites, keep=preds)
         elif what == "zero_shot":
             results.setdefault("zero_shot", {})[name] = zero_shot(pre, site, cfg)
         elif what == "linear_probe":
@@ -228,6 +287,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                 _, heads[name] = linear_probe(pre, site, cfg)
             results.setdefault("fine_tune", {}).setdefault(name, {})["probe_then_ft"] = fine_tune(
                 pre, site, 1.0, cfg, head_init=heads[name])
+    trained = [n for n in preds if n in pre.sites]
+    if trained:
+        results["pooled_training_sites"] = pooled(preds, trained, pre.class_names, cfg)
     if cfg.attention.enabled and pre.attention is not None:
         results["attention_maps"] = [a for n, s in sites.items()
                                      for a in attention_maps(pre, s, out, int(cfg.attention.n), cfg)]
@@ -272,4 +334,6 @@ def print_summary(results: dict[str, Any]) -> None:
         table.add_row(name, "yes" if r.get("ood") else "", f(mean.get("auc")), f(mean.get("f1")), f(zs), f(lp),
                       fts or "-")
     Console().print(table)
+    for line in summary_lines(results):
+        print(line)
 

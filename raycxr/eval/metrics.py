@@ -134,11 +134,12 @@ def bootstrap_ci(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, metri
 
 
 def bootstrap_auc(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, n_boot: int = 200,
-                  alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
+                  alpha: float = 0.05, seed: int = 0, mean_over: np.ndarray | None = None) -> dict[str, Any]:
     """Per-class and mean AUC intervals from one set of image resamples.
 
     A class's interval uses the resamples where that class keeps a positive and a negative; the mean's
     uses those where every non-degenerate class does (the same rule and draws as :func:`bootstrap_ci`).
+    ``mean_over`` (C,) bool limits the mean to those classes (e.g. the estimable ones).
     Returns ``{"per_class": (C, 2) array, "mean": (low, high), "n_valid": resamples kept for the mean}``."""
     p, t, m = _check(probs, targets, mask)
     keep = evaluable_classes(t, m)
@@ -148,6 +149,8 @@ def bootstrap_auc(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, n_bo
         for c in np.flatnonzero(keep):
             aucs[b, c] = _rank_auc(tb[mb[:, c], c], pb[mb[:, c], c])
     per_class = np.array([_percentile_ci(aucs[:, c], alpha) for c in range(p.shape[1])]).reshape(-1, 2)
+    if mean_over is not None:
+        keep = keep & np.asarray(mean_over, bool)
     if keep.any():
         full = np.isfinite(aucs[:, keep]).all(1)
         means = aucs[full][:, keep].mean(1)
@@ -164,13 +167,15 @@ def mean_auc_ci(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, n_boot
 
 def classification_metrics(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, class_names: Sequence[str],
                            thresholds: np.ndarray | None = None, *, n_boot: int = 0, alpha: float = 0.05,
-                           seed: int = 0) -> dict[str, Any]:
+                           seed: int = 0, min_positives: int = 1) -> dict[str, Any]:
     """Per-class AUC, AP, and F1 / accuracy / sensitivity / specificity at a threshold, and their means.
 
     ``thresholds=None`` picks each class's max-F1 threshold on this same data (optimistic, as in
     UniChest; recorded as ``threshold_source``). ``n_boot > 0`` adds bootstrap ``auc_ci`` per class and
-    to the mean. Means are over non-degenerate classes only, listed in ``mean["classes"]``. The result is
-    JSON-serialisable: python floats, NaN as None."""
+    to the mean. Means are over the classes with at least ``min_positives`` annotated positives and as
+    many negatives (``estimable_classes``; 1 = every non-degenerate class), listed in ``mean["classes"]``;
+    the others keep their per-class figures, are flagged ``not_estimable`` and listed in
+    ``excluded_from_means``. The result is JSON-serialisable: python floats, NaN as None."""
     p, t, m = _check(probs, targets, mask)
     if len(class_names) != p.shape[1]:
         raise ValueError(f"{len(class_names)} class names for {p.shape[1]} columns")
@@ -180,15 +185,16 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, mask: np.ndar
     thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     if thresholds.shape != (p.shape[1],):
         raise ValueError(f"thresholds must have shape ({p.shape[1]},), got {thresholds.shape}")
-    keep = evaluable_classes(t, m)
-    ci = bootstrap_auc(p, t, m, n_boot=n_boot, alpha=alpha, seed=seed) if n_boot > 0 else None
+    keep = evaluable_classes(t, m) & estimable_classes(t, m, max(1, int(min_positives)))
+    ci = bootstrap_auc(p, t, m, n_boot=n_boot, alpha=alpha, seed=seed, mean_over=keep) if n_boot > 0 else None
+    defined = evaluable_classes(t, m)
     per_class: dict[str, dict[str, Any]] = {}
     rows = np.zeros((p.shape[1], 4))
     for c, name in enumerate(class_names):
         y, s = t[m[:, c], c], p[m[:, c], c]
         n_pos, n_neg = int(y.sum()), int((~y).sum())
-        auc = float(roc_auc_score(y, s)) if keep[c] else math.nan
-        ap = float(average_precision_score(y, s)) if keep[c] else math.nan
+        auc = float(roc_auc_score(y, s)) if defined[c] else math.nan
+        ap = float(average_precision_score(y, s)) if defined[c] else math.nan
         tp, fp, fn, tn = _confusion(y, s, thresholds[c])
         f1, acc = _ratio(2 * tp, 2 * tp + fp + fn), _ratio(tp + tn, len(y))
         rows[c] = auc, ap, f1, acc
@@ -196,15 +202,16 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, mask: np.ndar
             "auc": _json_float(auc), "ap": _json_float(ap), "f1": _json_float(f1), "acc": _json_float(acc),
             "threshold": float(thresholds[c]), "n_pos": n_pos, "n_neg": n_neg,
             "sensitivity": _json_float(_ratio(tp, tp + fn)), "specificity": _json_float(_ratio(tn, tn + fp)),
+            "not_estimable": bool(defined[c] and not keep[c]),
         }
         if ci is not None:
             lo, hi = ci["per_class"][c]
-            per_class[str(name)]["auc_ci"] = [_json_float(lo), _json_float(hi)] if keep[c] else None
+            per_class[str(name)]["auc_ci"] = [_json_float(lo), _json_float(hi)] if defined[c] else None
     mean = {k: _json_float(np.nanmean(rows[keep, i])) if keep.any() else None
             for i, k in enumerate(("auc", "ap", "f1", "acc"))}
     mean["classes"] = [str(n) for n, k in zip(class_names, keep) if k]
     out: dict[str, Any] = {"per_class": per_class, "mean": mean, "n_images": int(p.shape[0]),
-                           "threshold_source": source,
+                           "threshold_source": source, "min_positives": int(min_positives),
                            "excluded_from_means": [str(n) for n, k in zip(class_names, keep) if not k]}
     if ci is not None:
         lo, hi = ci["mean"]

@@ -304,6 +304,29 @@ def plot_fine_tune(fine_tune: Mapping[str, Mapping[str, Any]], path: Path, *,
 # ----------------------------------------------------------------------------------------------- Markdown / HTML
 
 
+def summary_lines(results: Mapping[str, Any]) -> list[str]:
+    """The headline figures in words: the pooled large findings and pretrained vs random init."""
+    lines = []
+    pooled_res = results.get("pooled_training_sites")
+    if pooled_res:
+        pc = pooled_res["metrics"]["per_class"]
+        shown = [f"{c} {v['auc']:.3f} (n+={v['n_pos']})" for c, v in pc.items()
+                 if c in ("Cardiomegaly", "Pleural Effusion", "Edema") and v["auc"] is not None]
+        if shown:
+            lines.append(f"classifier on the training sites' pooled test splits: {', '.join(shown)}")
+    for site, r in results.get("linear_probe", {}).items():
+        v = r.get("vs_random")
+        if v and v.get("difference") is not None:
+            lo, hi = v["ci"]
+            verdict = "better" if lo > 0 else "worse" if hi < 0 else "not distinguishable"
+            lines.append(f"pretrained vs random init, linear probe on {site}: {r['mean']['auc']:.3f} vs "
+                         f"{v['random_mean_auc']:.3f}, difference {v['difference']:+.3f} [95 % CI {lo:+.3f}, "
+                         f"{hi:+.3f}] ({verdict})")
+        elif v:
+            lines.append(f"pretrained vs random init, linear probe on {site}: not estimable ({v.get('note')})")
+    return lines
+
+
 def _blocks(results: Mapping[str, Any], figures: Mapping[str, str], title: str) -> list[Block]:
     model = results.get("model") or {}
     sites = results.get("sites") or {}
@@ -316,6 +339,10 @@ def _blocks(results: Mapping[str, Any], figures: Mapping[str, str], title: str) 
                                   ("encoder", model.get("encoder")), ("training sites", model.get("sites")),
                                   ("classes", len(model.get("classes") or [])))
                      if v not in (None, "", [])]))
+    headline = summary_lines(results)
+    if headline:
+        b.append(("h", 2, "Headline"))
+        b.append(("ul", headline))
 
     if sites:
         b.append(("h", 2, "Summary"))
@@ -443,8 +470,9 @@ def _blocks(results: Mapping[str, Any], figures: Mapping[str, str], title: str) 
                 excluded.append([section, site, n, str(pc.get("n_pos", "")), str(pc.get("n_neg", ""))])
     if excluded:
         b.append(("h", 2, "Classes left out of the means"))
-        b.append(("p", "These classes have no annotated positive or no annotated negative on the split, so AUC "
-                       "and AP are undefined."))
+        b.append(("p", "These classes are not estimable on the split: fewer annotated positives (or negatives) "
+                       "than min_positives, so their AUC is too noisy to average in (or undefined with none). "
+                       "Their own figures are in the per-class tables."))
         b.append(("table", ["evaluation", "site", "class", "n_pos", "n_neg"], excluded))
     return b
 

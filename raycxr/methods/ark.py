@@ -25,11 +25,25 @@ from ..checkpoint import Checkpoint
 from ..labels import UnionLabelSpace
 from ..losses import ark_consistency_loss, cosine_schedule, ema_update, masked_bce_with_logits
 from ..models.ark import ArkModel, make_teacher, same_shapes
-from ..models.classifiers import HeadsClassifier
+from ..models.classifiers import HeadsClassifier, TenCrop
 from ..models.factory import build_encoder, build_text_encoder
 from ..objectives import REPORT_OBJECTIVES, make_objective
 from ..sites.config import SiteConfig
-from .base import LossLog, Method, Pretrained, Unit, autocast, check_resume, device_of, limited, place, set_epoch
+from .base import (
+    LossLog,
+    Method,
+    Pretrained,
+    Unit,
+    adamw,
+    attach_schedule,
+    autocast,
+    check_resume,
+    device_of,
+    limited,
+    place,
+    set_epoch,
+    steps_per_unit,
+)
 from .registry import register_method
 
 
@@ -174,11 +188,15 @@ def load_kept_heads(model: ArkModel, kept: dict[str, dict]) -> None:
             model.heads[n].load_state_dict(state)
 
 
-def pretrained_heads_model(cls: type[Method], ckpt: Checkpoint, cfg: DictConfig) -> Pretrained:
-    """A finished Ark or concurrent run: its heads averaged into the union classes."""
+def pretrained_heads_model(cls: type[Method], ckpt: Checkpoint, cfg: DictConfig, *,
+                           tencrop: bool = False) -> Pretrained:
+    """A finished Ark or concurrent run: its heads averaged into the union classes (``tencrop``: averaged
+    over ten crops at test time, as Ark's test transform)."""
     model, _ = build_heads_model(cfg, {}, {}, ckpt, encoder_checkpoint=False)
     site_labels = _site_labels(ckpt, cfg)
     classifier, names = heads_classifier(model, site_labels)
+    if tencrop:
+        classifier = TenCrop(classifier)
     return Pretrained(method=cls.name, classifier=classifier, encoder=model.encoder, class_names=names,
                       image_size=ckpt.image_size, sites=ckpt.site_names, config=ckpt.config, source=ckpt.source,
                       site_labels=site_labels)
@@ -243,11 +261,18 @@ class ArkMethod(Method):
                                       "momentum": float(momentum[it]), "consistency_weight": float(weight[it])})
                          for it in range(a.rounds * len(order))]
         trainable = list(self.student.parameters()) + (list(self.text.parameters()) if self.text is not None else [])
-        self.optimizer = self.data.distribute(torch.optim.SGD([p for p in trainable if p.requires_grad], lr=a.lr,
-                                                              momentum=0.9, nesterov=True,
-                                                              weight_decay=a.weight_decay))
-        if resume is not None and resume.optimizer and resume.meta.get("site_classes") == self.site_classes:
+        if a.optimizer == "sgd":  # the authors' (A.6): SGD, momentum 0.9, Nesterov
+            opt = torch.optim.SGD([p for p in trainable if p.requires_grad], lr=a.lr, momentum=0.9, nesterov=True,
+                                  weight_decay=a.weight_decay)
+        else:
+            opt = adamw(trainable, a.lr, a.weight_decay)
+        self.optimizer = self.data.distribute(opt)
+        same = resume is not None and bool(resume.optimizer) and resume.meta.get("site_classes") == self.site_classes
+        if same:
             self.optimizer.load_state_dict(resume.optimizer)
+        total = sum(steps_per_unit(self.loaders[u.fields["site"]], self.cfg) for u in self.schedule)
+        self.lr_schedule = attach_schedule(self.optimizer, self.cfg, total,
+                                           int(resume.meta.get("lr_step") or 0) if same else 0)
         return start
 
     def units(self) -> list[Unit]:
@@ -280,4 +305,4 @@ class ArkMethod(Method):
 
     @classmethod
     def pretrained(cls, ckpt: Checkpoint, cfg: DictConfig) -> Pretrained:
-        return pretrained_heads_model(cls, ckpt, cfg)
+        return pretrained_heads_model(cls, ckpt, cfg, tencrop=bool(cfg.ark.get("tencrop")))

@@ -19,6 +19,7 @@ actors) is passed in, so the same method runs in one process, in Ray Train worke
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class Method:
     def __init__(self, cfg: DictConfig, sites: dict[str, SiteConfig], data: Any) -> None:
         self.cfg, self.sites, self.data = cfg, sites, data
         self.optimizer: Any = None
+        self.lr_schedule: LRSchedule | None = None  # attach_schedule(): its step count is checkpointed
         self.run: Any = None  # the run folder (set by the driver): stage snapshots go there
         bad = {n: s.objective for n, s in sites.items() if s.objective not in self.objectives}
         if bad:
@@ -128,7 +130,9 @@ class Method:
     def checkpoint(self, position: int, history: list[dict], val_auc: float | None) -> Checkpoint:
         return Checkpoint(method=self.name, config=OmegaConf.to_container(self.cfg, resolve=True), position=position,
                           modules=self.module_state(), optimizer=self.optimizer_state(),
-                          meta={"site_names": list(self.sites), **self.meta()}, history=list(history),
+                          meta={"site_names": list(self.sites), **self.meta(),
+                                "lr_step": self.lr_schedule.step if self.lr_schedule is not None else None},
+                          history=list(history),
                           val_auc=val_auc)
 
     # -- a study's budget --------------------------------------------------------------------------
@@ -228,6 +232,65 @@ def limited(loader: Iterable, max_steps: int | None, device: torch.device | None
             return
         if batch is not None:
             yield batch if device is None else to_device(batch, device)
+
+
+class LRSchedule:
+    """A per-step learning-rate schedule on an optimiser: linear warm-up, then cosine to ``min_lr`` (or
+    constant), stepped by an optimiser post-hook so the loops stay unchanged.
+
+    Args:
+        optimizer: the optimiser (its groups' current ``lr`` are the peak rates).
+        total_steps: the optimiser steps the schedule spans.
+        kind: ``cosine`` or ``constant`` (after the warm-up).
+        warmup: warm-up steps; a value below 1 is a fraction of ``total_steps``.
+        min_lr: where the cosine ends.
+        step: steps already taken (a resumed run continues the curve).
+    """
+
+    def __init__(self, optimizer: Any, total_steps: int, *, kind: str = "cosine", warmup: float = 0.05,
+                 min_lr: float = 1e-6, step: int = 0) -> None:
+        if kind not in ("cosine", "constant"):
+            raise ValueError(f"schedule.kind must be cosine or constant, got '{kind}'")
+        inner = getattr(optimizer, "optimizer", optimizer)  # through GradAllReduce / DDP wrappers
+        self.groups = inner.param_groups
+        self.base = [g.get("initial_lr", g["lr"]) for g in self.groups]
+        for g, b in zip(self.groups, self.base):
+            g["initial_lr"] = b
+        self.total = max(1, int(total_steps))
+        self.warm = int(round(warmup * self.total)) if 0 < warmup < 1 else int(warmup)
+        self.kind, self.min_lr, self.step = kind, float(min_lr), int(step)
+        self._apply()
+        inner.register_step_post_hook(lambda *_: self._advance())
+
+    def lr(self, step: int, base: float) -> float:
+        if self.warm and step < self.warm:
+            return base * (step + 1) / self.warm
+        if self.kind == "constant":
+            return base
+        t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
+        return self.min_lr + 0.5 * (base - self.min_lr) * (1 + math.cos(math.pi * t))
+
+    def _apply(self) -> None:
+        for g, b in zip(self.groups, self.base):
+            g["lr"] = self.lr(self.step, b)
+
+    def _advance(self) -> None:
+        self.step += 1
+        self._apply()
+
+
+def steps_per_unit(loader: Any, cfg: DictConfig) -> int:
+    """Optimiser steps one pass over ``loader`` takes under ``max_steps_per_epoch``."""
+    cap = cfg.get("max_steps_per_epoch")
+    return min(len(loader), int(cap)) if cap else len(loader)
+
+
+def attach_schedule(optimizer: Any, cfg: DictConfig, total_steps: int, step: int = 0) -> LRSchedule | None:
+    """The run's ``schedule`` section on ``optimizer`` (None: ``kind: none``, a constant rate)."""
+    s = cfg.get("schedule") or {}
+    if s.get("kind", "none") == "none":
+        return None
+    return LRSchedule(optimizer, total_steps, kind=s.kind, warmup=float(s.warmup), min_lr=float(s.min_lr), step=step)
 
 
 def set_epoch(loader: Any, epoch: int) -> None:

@@ -27,7 +27,21 @@ from ..checkpoint import Checkpoint
 from ..losses import ema_update
 from ..models.factory import build_encoder, build_text_encoder
 from ..objectives import REPORT_OBJECTIVES, list_objectives, make_objective
-from .base import LossLog, Method, Pretrained, Unit, adamw, autocast, check_resume, device_of, limited, place, set_epoch
+from .base import (
+    LossLog,
+    Method,
+    Pretrained,
+    Unit,
+    adamw,
+    attach_schedule,
+    autocast,
+    check_resume,
+    device_of,
+    limited,
+    place,
+    set_epoch,
+    steps_per_unit,
+)
 from .registry import register_method
 
 
@@ -107,8 +121,12 @@ class SelfSupMethod(Method):
         self.loader = self.data.union_loader(second_view="augmented")
         params = list(self.model.parameters()) + (list(self.text.parameters()) if self.text is not None else [])
         self.optimizer = self.data.distribute(adamw(params, float(s.lr), float(s.weight_decay)))
-        if resume is not None and resume.optimizer:
+        same = resume is not None and bool(resume.optimizer)
+        if same:
             self.optimizer.load_state_dict(resume.optimizer)
+        self.lr_schedule = attach_schedule(self.optimizer, self.cfg,
+                                           int(s.epochs) * steps_per_unit(self.loader, self.cfg),
+                                           int(resume.meta.get("lr_step") or 0) if same else 0)
         return resume.position if resume is not None else 0
 
     def units(self) -> list[Unit]:

@@ -34,6 +34,7 @@ from .base import (
     Pretrained,
     Unit,
     adamw,
+    attach_schedule,
     autocast,
     check_resume,
     clone_state,
@@ -41,6 +42,7 @@ from .base import (
     limited,
     place,
     set_epoch,
+    steps_per_unit,
     to_device,
 )
 from .registry import register_method
@@ -64,12 +66,14 @@ class UniChestLossConfig:
     scl_weight: float = 1.0  # moe_ratio in divide (0 in conquer)
     text_branch: bool = True  # ASL (and SCL) on the text entity features too, as coded
     fourier_p: float = 0.5
+    fourier_space: str = "image"  # image: mix the [0, 1] images | normalized: the normalised batch, as coded (U.5)
 
 
 def build_unichest(cfg: DictConfig, *, encoder_checkpoint: bool = True) -> UniChest:
     u = cfg.unichest
     return UniChest(build_encoder(cfg, checkpoint=encoder_checkpoint), n_experts=u.n_experts, lam=u.lam,
-                    bias_ratio=u.bias_ratio, scl_dim=u.scl_dim, query=OmegaConf.to_container(u.query, resolve=True))
+                    bias_ratio=u.bias_ratio, scl_dim=u.scl_dim, query=OmegaConf.to_container(u.query, resolve=True),
+                    share_norm=bool(u.share_norm))
 
 
 def batch_texts(batch: dict, class_names: Sequence[str]) -> list[str]:
@@ -100,7 +104,12 @@ def unichest_epoch(model: UniChest, text_encoder: nn.Module, class_names: Sequen
     for batch in limited(loader, max_steps, device_of(model)):
         images, sites = batch["image"], batch["site_index"]
         if cfg.fourier_p > 0:
-            images = cross_site_fourier_mix(images, sites, p=cfg.fourier_p, generator=generator)
+            if cfg.fourier_space == "normalized":  # the authors mix the normalised batch (U.5)
+                mean, std = model.encoder.mean, model.encoder.std
+                images = cross_site_fourier_mix((images - mean) / std, sites, p=cfg.fourier_p,
+                                                generator=generator) * std + mean
+            else:
+                images = cross_site_fourier_mix(images, sites, p=cfg.fourier_p, generator=generator)
         with autocast(model):
             loss, terms = unichest_loss(model, text_encoder, class_names, batch, images, stage, cfg, asl)
         optimizer.zero_grad(set_to_none=True)
@@ -209,8 +218,12 @@ class UniChestMethod(Method):
         self.optimizer = self.data.distribute(adamw(list(self.model.parameters()) + list(self.text.parameters()),
                                                     u.lr, u.weight_decay))
         r = self.resume
-        if r is not None and r.meta.get("stage") == unit.stage and r.optimizer:
+        same = r is not None and r.meta.get("stage") == unit.stage and bool(r.optimizer)
+        if same:
             self.optimizer.load_state_dict(r.optimizer)
+        n_stage = sum(1 for x in self.schedule if x.stage == unit.stage)
+        self.lr_schedule = attach_schedule(self.optimizer, self.cfg, n_stage * steps_per_unit(self.loader, self.cfg),
+                                           int(r.meta.get("lr_step") or 0) if same else 0)
         self.opt_stage = unit.stage
 
     def _load_best_conquer(self) -> None:

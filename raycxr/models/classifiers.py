@@ -70,6 +70,32 @@ class HeadsClassifier(nn.Module):
         return probs @ self.average
 
 
+class TenCrop(nn.Module):
+    """Test-time averaging over ten crops (Ark's test transform, REFERENCE A.5): the image enlarged by
+    ``scale`` (256/224), its four corners and its centre at the original size, each also mirrored; the
+    output is the mean of the ten probability vectors.
+
+    Args:
+        classifier: images ``(B, 1, S, S)`` → probabilities.
+        scale: the enlargement before cropping.
+    """
+
+    def __init__(self, classifier: nn.Module, scale: float = 256 / 224) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.shape[-1]
+        big = int(round(s * self.scale))
+        up = torch.nn.functional.interpolate(x, size=(big, big), mode="bilinear", align_corners=False)
+        o = big - s
+        crops = [up[..., :s, :s], up[..., :s, o:], up[..., o:, :s], up[..., o:, o:],
+                 up[..., o // 2:o // 2 + s, o // 2:o // 2 + s]]
+        views = torch.cat(crops + [c.flip(-1) for c in crops])
+        return self.classifier(views).reshape(10, x.shape[0], -1).mean(0)
+
+
 class EmbeddingModel(nn.Module):
     """The encoder alone: images → pooled embedding ``(B, D)`` (for ONNX export and linear probes)."""
 

@@ -9,6 +9,7 @@ Swin) or the patch tokens (ViT, prefix tokens dropped); pooled is their mean. An
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -27,15 +28,40 @@ KNOWN_BACKBONES = {
 }
 
 
+NORMS = ("default", "batch", "group")
+
+
+def norm_layer(kind: str, backbone: str) -> type | Callable:
+    """The normalisation layer ``norm`` asks a CNN backbone to use instead of BatchNorm.
+
+    ``group``: GroupNorm (32 groups, or fewer for narrow layers). It does not depend on the batch, so
+    a model trained on one site's batches at a time (Ark's site-epochs, the concurrent baseline's
+    per-site batches) sees the same normalisation in training and evaluation; with BatchNorm the
+    running statistics end up those of the last site trained, and the features of the others shift."""
+    if kind not in NORMS:
+        raise ValueError(f"encoder.norm must be one of {NORMS}, got '{kind}'")
+    if not backbone.startswith(("resnet", "resnext", "seresnet", "wide_resnet")):
+        raise ValueError(f"encoder.norm={kind} is offered for ResNet-family backbones; '{backbone}' uses its own "
+                         "normalisation (ViT, Swin and ConvNeXt use LayerNorm, which does not depend on the batch)")
+
+    def group_norm(channels: int, **_: object) -> nn.GroupNorm:
+        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+
+    return group_norm
+
+
 class ImageEncoder(nn.Module):
     """A timm backbone that returns ``(pooled, tokens)`` for one-channel radiographs."""
 
     def __init__(self, name: str = "resnet18", *, embed_dim: int | None = None, checkpoint: str | Path | None = None,
-                 drop_path_rate: float | None = None, img_size: int | None = None) -> None:
+                 drop_path_rate: float | None = None, img_size: int | None = None, norm: str | None = None) -> None:
         super().__init__()
-        kw = {}
+        kw: dict = {}
         if drop_path_rate is not None:
             kw["drop_path_rate"] = drop_path_rate
+        if norm not in (None, "default", "batch"):
+            kw["norm_layer"] = norm_layer(norm, name)
         if img_size is not None and ("vit" in name or "swin" in name):
             kw["img_size"] = img_size
         try:

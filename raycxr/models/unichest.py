@@ -99,13 +99,16 @@ class UniChest(nn.Module):
     """
 
     def __init__(self, encoder: ImageEncoder, *, n_experts: int = 4, lam: float = 0.5, bias_ratio: float | None = None,
-                 scl_dim: int = 32, query: dict | None = None) -> None:
+                 scl_dim: int = 32, query: dict | None = None, share_norm: bool = False) -> None:
         super().__init__()
         if n_experts < 2:
             raise ValueError(f"UniChest needs K >= 2 query networks (1 shared + experts), got {n_experts}")
         self.encoder = encoder
         d = encoder.dim
         self.query_networks = nn.ModuleList([QueryNetwork(d, **(query or {})) for _ in range(n_experts)])
+        if share_norm:  # the authors' one decoder_norm for every stack (U.3); default: one per query network
+            for qn in self.query_networks[1:]:
+                qn.norm = self.query_networks[0].norm
         self.gate = nn.Linear(d, n_experts - 1)
         self.scl_head = nn.Linear(n_experts - 1, scl_dim)
         self.lam, self.bias_ratio = lam, bias_ratio

@@ -255,6 +255,23 @@ def _execute_ray(todo: list[Cell], records: dict, cfg: DictConfig, bar: tqdm) ->
             bar.update(round(c.cost))
 
 
+def _track(cfg: DictConfig, results: dict[str, Any], out: Path) -> None:
+    """The study's settings and its in-distribution / OOD mean AUCs to the configured tracker."""
+    from ..tracking import Tracker
+
+    tracker = Tracker.from_config(cfg, out, run_name=f"study-{cfg.name}")
+    tracker.log_params(results["settings"])
+    figures = {}
+    for key, e in results["table"].items():
+        site = e["sites"].get(results["target"], {}).get("diseases", {})
+        if site.get("mean") is not None:
+            figures[f"{key}/id".replace("/", ".")] = site["mean"]
+        if e.get("ood_mean") is not None:
+            figures[f"{key}/ood".replace("/", ".")] = e["ood_mean"]
+    tracker.log_metrics(figures, 0)
+    tracker.close()
+
+
 def run_study(cfg: DictConfig) -> dict[str, Any]:
     """Prepare the corpus, run (or resume) every cell, analyse, and write the report."""
     from ..sites.config import discover_sites
@@ -281,6 +298,7 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
     results = analyse(cfg, rows, cells, records)
     results.update(corpus=corpus, seconds=round(time.perf_counter() - t0, 1))
     report = write_study_report(results, out)
+    _track(cfg, results, out)
     if cfg.get("report_dir"):
         dest = Path(cfg.report_dir)
         dest.mkdir(parents=True, exist_ok=True)

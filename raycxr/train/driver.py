@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..checkpoint import FILENAME, Checkpoint
 from ..methods import Method, get_method, import_plugins
 from ..sites.config import SiteConfig
+from ..tracking import Tracker
 from .validation import validate
 
 
@@ -32,13 +33,23 @@ class Run:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out / "metrics.jsonl"
+        self.tracker: Tracker | None = None
 
     def write_config(self, cfg: DictConfig) -> None:
+        """Write ``config.yaml`` and start tracking (``tracking:``) with the config as parameters."""
         (self.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        self.tracker = Tracker.from_config(cfg, self.out)
+        self.tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
 
     def log(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_metrics(record, int(record.get("position", 0)))
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
     def save(self, checkpoint: Checkpoint, name: str = FILENAME) -> Path:
         return checkpoint.save(self.out / name)
@@ -83,6 +94,7 @@ def run_schedule(method: Method, run: Run, resume: Checkpoint | None) -> dict[st
         run.save(ckpt)  # first, so that what follows (heads handed back, snapshots) never outruns the checkpoint
         method.end_unit(unit, pos, record, ckpt, run)
     bar.close()
+    run.close()
     return {"history": history, "checkpoint": str(run.out / FILENAME)}
 
 

@@ -205,7 +205,7 @@ class RayRun(Run):
         if rank == 0:
             super().__init__(out)
         else:
-            self.out, self.metrics = Path(out), Path(out) / "metrics.jsonl"
+            self.out, self.metrics, self.tracker = Path(out), Path(out) / "metrics.jsonl", None
 
     def write_config(self, cfg: DictConfig) -> None:
         if self.rank == 0:
