@@ -163,6 +163,8 @@ class RaySection:
     num_to_keep: int = MISSING
     actor_max_restarts: int = MISSING
     prefetch: int = MISSING
+    grad_sync: str = MISSING
+    bucket_mb: float = MISSING
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -473,6 +475,7 @@ RULES: dict[str, dict[str, Any]] = {
         "baseline.epochs": 0, "baseline.lr": 0.0, "selfsup.epochs": 0, "selfsup.proj_dim": _POSITIVE,
         "selfsup.objective": ("simclr", "mocov2", "vicreg", "clip", "slip"),
         "ray.num_workers": _POSITIVE, "ray.max_failures": 0, "ray.num_to_keep": _POSITIVE, "ray.prefetch": _POSITIVE,
+        "ray.grad_sync": ("bucketed", "per_tensor"), "ray.bucket_mb": 0.001,
     },
     "eval": {"batch_size": _POSITIVE, "bootstrap": 0, "min_positives": _POSITIVE, "limit": _POSITIVE,
              "fine_tune.epochs": 0, "fine_tune.min_images": _POSITIVE, "attention.n": 0},

@@ -5,7 +5,8 @@
 - A Ray Train ``TorchTrainer`` (Train V2) runs :func:`train_loop_per_worker` on N workers (gloo on
   CPU). The loop calls :func:`raycxr.train.driver.train_method`, the same driver and method the local
   runner runs, with an actor-backed data plane and a checkpoint sink that reports through
-  ``ray.train.report``. Gradients are averaged across workers before each optimiser step.
+  ``ray.train.report``. Gradients are averaged across workers by :class:`~raycxr.train.grad_sync.BucketedGradSync`
+  (DDP's numerics: bucketed, overlapped with the backward pass), so the models keep their own methods.
 - Launching (cluster, site actors, trainer) is :mod:`raycxr.train.ray_launch`, shared with Tune.
 - Resume: run again with the same ``ray.run_name`` / ``ray.storage_path``; Ray hands the latest
   checkpoint back (``ray.train.get_checkpoint``). ``FailureConfig(max_failures)`` restarts a failed
@@ -29,6 +30,7 @@ from ..checkpoint import FILENAME, Checkpoint
 from ..labels import UnionLabelSpace
 from ..methods import get_method, import_plugins
 from .driver import Run, train_method
+from .grad_sync import BucketedGradSync, GradAllReduce
 from .local import select_sites, val_enabled
 from .ray_launch import absolute_paths, build_trainer, init_ray, start_site_actors
 
@@ -100,30 +102,6 @@ class ActorStream:
         return len(self._chunks())
 
 
-class GradAllReduce:
-    """Optimiser wrapper that averages gradients over the Train workers before stepping.
-
-    Plain all-reduce rather than DDP's wrapper, so the models keep their own methods
-    (``set_stage``, ``heads``) unchanged; DDP's overlap of communication is given up."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    def step(self) -> None:
-        import torch.distributed as dist
-
-        world = dist.get_world_size()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-        self.optimizer.step()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.optimizer, name)
-
-
 class ActorData:
     """The data plane inside a Train worker: site actors instead of local datasets."""
 
@@ -180,8 +158,14 @@ class ActorData:
                                                      train=False)
                                       for a, s in zip(self.actors.values(), sizes)]))
 
-    def distribute(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | GradAllReduce:
-        return GradAllReduce(optimizer) if self.world > 1 else optimizer
+    def distribute(self, optimizer: torch.optim.Optimizer) -> Any:
+        """``ray.grad_sync``: ``bucketed`` (DDP's numerics, overlapped with the backward pass) or
+        ``per_tensor`` (one blocking all-reduce per tensor after it, the earlier scheme)."""
+        if self.world == 1:
+            return optimizer
+        if self.cfg.ray.get("grad_sync", "bucketed") == "per_tensor":
+            return GradAllReduce(optimizer)
+        return BucketedGradSync(optimizer, bucket_mb=float(self.cfg.ray.get("bucket_mb", 25.0)))
 
     def site_heads(self) -> dict[str, dict]:
         import ray
