@@ -58,9 +58,17 @@ class EncoderSection:
 
 
 @dataclass
+class DecodeCacheSection:
+    enabled: bool = MISSING
+    dir: Optional[str] = MISSING
+    dtype: str = MISSING
+
+
+@dataclass
 class TransformsSection:
     size: int = MISSING
     train: dict[str, Any] = field(default_factory=dict)
+    cache: DecodeCacheSection = MISSING
 
 
 @dataclass
@@ -475,7 +483,8 @@ RULES: dict[str, dict[str, Any]] = {
         "baseline.epochs": 0, "baseline.lr": 0.0, "selfsup.epochs": 0, "selfsup.proj_dim": _POSITIVE,
         "selfsup.objective": ("simclr", "mocov2", "vicreg", "clip", "slip"),
         "ray.num_workers": _POSITIVE, "ray.max_failures": 0, "ray.num_to_keep": _POSITIVE, "ray.prefetch": _POSITIVE,
-        "ray.grad_sync": ("bucketed", "per_tensor"), "ray.bucket_mb": 0.001,
+        "ray.grad_sync": ("bucketed", "per_tensor"),
+        "transforms.cache.dtype": ("uint8", "uint16", "float32"), "ray.bucket_mb": 0.001,
     },
     "eval": {"batch_size": _POSITIVE, "bootstrap": 0, "min_positives": _POSITIVE, "limit": _POSITIVE,
              "fine_tune.epochs": 0, "fine_tune.min_images": _POSITIVE, "attention.n": 0},
