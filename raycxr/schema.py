@@ -173,6 +173,8 @@ class RaySection:
     prefetch: int = MISSING
     grad_sync: str = MISSING
     bucket_mb: float = MISSING
+    site_replicas: int = MISSING
+    site_cpus: float = MISSING
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -212,6 +214,8 @@ class PretrainConfig:
     threads: Optional[int] = MISSING
     device: str = MISSING
     precision: str = MISSING
+    channels_last: str = MISSING
+    compile: str = MISSING
     image_size: int = MISSING
     batch_size: int = MISSING
     num_workers: int = MISSING
@@ -472,6 +476,8 @@ RULES: dict[str, dict[str, Any]] = {
         "probe_size": 0, "threads": _POSITIVE, "schedule.kind": ("cosine", "constant", "none"),
         "tracking.backend": ("none", "mlflow", "tensorboard"),
         "schedule.warmup": 0.0, "runner": ("local", "ray"), "precision": ("auto", "fp32", "bf16"),
+        "channels_last": ("auto", "true", "false", "True", "False"),
+        "compile": ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         "val.limit": _POSITIVE, "encoder.embed_dim": _POSITIVE, "text.max_length": _POSITIVE,
         "unichest.conquer_epochs": 0, "unichest.divide_epochs": 0, "unichest.divide_from": ("best", "last"),
         "unichest.n_experts": 2, "unichest.scl_dim": _POSITIVE, "unichest.lr": 0.0, "unichest.weight_decay": 0.0,
