@@ -135,7 +135,8 @@ def check_method(method: str, size: int, args: argparse.Namespace, site_override
     from raycxr.train.local import select_sites
 
     cls = get_method(method)
-    base = [f"method={method}", f"image_size={size}", f"batch_size={args.batch}", f"encoder.name={args.encoder}",
+    own = ["site_names=[nih]"] if method == "single" else []  # the single-site baseline trains one site
+    base = [*own, f"method={method}", f"image_size={size}", f"batch_size={args.batch}", f"encoder.name={args.encoder}",
             "probe_size=0", "val.enabled=false", "schedule.kind=none", f"device={args.device}",
             f"compile={args.compile}", f"max_steps_per_epoch={args.steps}", f"out={tmp / method}", *site_overrides,
             *args.override]

@@ -62,6 +62,7 @@ def main() -> None:
                  "note": "2-core machine shared with other jobs while it ran: ratios only"}
     local = run_pretrain(compose("pretrain", [*common, f"num_workers={args.loader_workers}", f"out={tmp / 'local'}"]))
     res["plain_loop_images_per_s"] = round(epoch_rate(local["history"]), 1)
+    res["steps_trained_per_epoch"] = [int(h["steps"]) for h in local["history"]]
 
     import ray
 
