@@ -67,6 +67,12 @@ def test_two_replicas_serve_disjoint_complete_batches_and_share_the_decode_cache
     list(stream)
     stats = ray.get([a.stats.remote() for a in pools["vindr"]])
     assert sum(s["cache"]["misses"] for s in stats) == n and sum(s["cache"]["hits"] for s in stats) == n
+    # a consumer that stops early (max_steps_per_epoch) leaves nothing counted as in flight
+    it = iter(stream)
+    next(it)
+    assert sum(stream.inflight[0]) > 0
+    it.close()
+    assert stream.inflight == [[0, 0]]
     # replicas draw different augmentations of the same image; the evaluation view is the same
     kw = {"union_names": data.union_names}
     a, b = ray.get([p.batch.remote([0], **kw) for p in pools["vindr"]])

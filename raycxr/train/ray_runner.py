@@ -130,17 +130,24 @@ class ActorStream:
             pending.append(self._request(chunk))
             if len(pending) >= self.prefetch:
                 break
-        while pending:
-            parts = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(self._request(nxt))
-            t0 = time.perf_counter()
-            got = ray.get([ref for _, _, ref in parts])
-            self.waited += time.perf_counter() - t0
-            for a, r, _ in parts:
-                self.inflight[a][r] -= 1
-            yield merge_batches(got)
+        try:
+            while pending:
+                parts = pending[0]
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(self._request(nxt))
+                t0 = time.perf_counter()
+                got = ray.get([ref for _, _, ref in parts])
+                self.waited += time.perf_counter() - t0
+                self._done(pending.popleft())
+                yield merge_batches(got)
+        finally:  # a consumer that stops early (max_steps_per_epoch) leaves requests behind: not in flight for us
+            while pending:
+                self._done(pending.popleft())
+
+    def _done(self, parts: list[tuple[int, int, Any]]) -> None:
+        for a, r, _ in parts:
+            self.inflight[a][r] -= 1
 
     def __len__(self) -> int:
         return len(self._chunks())
