@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from .cache import DecodeCache, cache_options, open_cache
 from .labels import UnionLabelSpace, apply_uncertain_policy
 from .manifest import Manifest
 from .quarantine import Quarantine
@@ -37,12 +38,17 @@ class SiteDataset(Dataset):
       then the site-space labels are left out, so batches that mix sites collate
     - ``site_index``, ``image_id``, ``report`` (empty string when absent)
     - ``image2``: a second view of the same image when ``second_view`` is given
+
+    With a ``cache`` (:class:`raycxr.cache.DecodeCache`) the image is read from it, already at the
+    training resolution; the transforms (augmentation) run on the cached array.
     """
 
     def __init__(self, manifest: Manifest, root: str | Path, *, transform: Callable | None = None,
                  split: str | None = None, label_space: UnionLabelSpace | None = None,
                  uncertain_policy: str = "ignore", site_index: int = 0, quarantine: Quarantine | None = None,
-                 seed: int = 0, second_view: Callable | None = None, use_labels: bool = True) -> None:
+                 seed: int = 0, second_view: Callable | None = None, use_labels: bool = True,
+                 cache: DecodeCache | None = None) -> None:
+        self.cache = cache
         self.manifest = manifest.split(split) if split else manifest
         self.root = Path(root)
         self.transform = transform
@@ -73,7 +79,8 @@ class SiteDataset(Dataset):
         row = self.df.iloc[i]
         path = self.root / row["path"]
         try:
-            item = {"image": read_image(path)[None]}
+            image = self.cache.image(row["path"]) if self.cache is not None else read_image(path)
+            item = {"image": image[None]}
         except ImageReadError as e:
             self.quarantine.record(row["image_id"], row["path"], e.reason)
             return None
@@ -125,20 +132,30 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
         uncertain_policy: overrides the site's policy (evaluation scores uncertain labels as missing).
         use_labels: keep the labels; default: unless the site trains by a self-supervised or report
             objective (its labels are then not training targets; evaluation always keeps them).
+
+    ``transforms.cache`` (``true`` or ``{enabled, dir, dtype}``) reads the images through the site's
+    decode cache (:mod:`raycxr.cache`) at ``transforms.size``.
     """
     tf = transforms_from_config(transforms, train=train)
+    manifest = manifest if manifest is not None else site.load_manifest()
+    opts = cache_options(transforms)
+    cache = None
+    if opts is not None:
+        cache = open_cache(site.name, site.root, site.manifest_path, manifest.to_pandas()["path"].tolist(),
+                           int(transforms.get("size", 224)), dir=opts["dir"], dtype=opts["dtype"])
     tf.set_random_state(seed=int(seed) * 1009 + int(site_index))  # seeded augmentation: a run repeats exactly
     view2 = None
     if second_view:
         clean = second_view != "augmented" and site.objective == "supervised"
         view2 = eval_transforms(int(transforms.get("size", 224))) if clean else tf
-    return SiteDataset(manifest if manifest is not None else site.load_manifest(), site.root, transform=tf,
+    return SiteDataset(manifest, site.root, transform=tf,
                        split=split, label_space=label_space,
                        uncertain_policy=uncertain_policy or site.uncertain_policy, site_index=site_index,
                        quarantine=quarantine if quarantine is not None else Quarantine(site.quarantine_path,
                                                                                       site=site.name),
                        seed=seed, second_view=view2,
-                       use_labels=use_labels if use_labels is not None else site.objective == "supervised" or not train)
+                       use_labels=use_labels if use_labels is not None else site.objective == "supervised" or not train,
+                       cache=cache)
 
 
 SEGMENTATION_TASKS = {"lungs": "lung_mask_path", "pneumothorax": "mask_path"}  # task -> manifest column

@@ -58,9 +58,17 @@ class EncoderSection:
 
 
 @dataclass
+class DecodeCacheSection:
+    enabled: bool = MISSING
+    dir: Optional[str] = MISSING
+    dtype: str = MISSING
+
+
+@dataclass
 class TransformsSection:
     size: int = MISSING
     train: dict[str, Any] = field(default_factory=dict)
+    cache: DecodeCacheSection = MISSING
 
 
 @dataclass
@@ -163,6 +171,10 @@ class RaySection:
     num_to_keep: int = MISSING
     actor_max_restarts: int = MISSING
     prefetch: int = MISSING
+    grad_sync: str = MISSING
+    bucket_mb: float = MISSING
+    site_replicas: int = MISSING
+    site_cpus: float = MISSING
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -202,6 +214,8 @@ class PretrainConfig:
     threads: Optional[int] = MISSING
     device: str = MISSING
     precision: str = MISSING
+    channels_last: str = MISSING
+    compile: str = MISSING
     image_size: int = MISSING
     batch_size: int = MISSING
     num_workers: int = MISSING
@@ -462,6 +476,8 @@ RULES: dict[str, dict[str, Any]] = {
         "probe_size": 0, "threads": _POSITIVE, "schedule.kind": ("cosine", "constant", "none"),
         "tracking.backend": ("none", "mlflow", "tensorboard"),
         "schedule.warmup": 0.0, "runner": ("local", "ray"), "precision": ("auto", "fp32", "bf16"),
+        "channels_last": ("auto", "true", "false", "True", "False"),
+        "compile": ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         "val.limit": _POSITIVE, "encoder.embed_dim": _POSITIVE, "text.max_length": _POSITIVE,
         "unichest.conquer_epochs": 0, "unichest.divide_epochs": 0, "unichest.divide_from": ("best", "last"),
         "unichest.n_experts": 2, "unichest.scl_dim": _POSITIVE, "unichest.lr": 0.0, "unichest.weight_decay": 0.0,
@@ -473,6 +489,8 @@ RULES: dict[str, dict[str, Any]] = {
         "baseline.epochs": 0, "baseline.lr": 0.0, "selfsup.epochs": 0, "selfsup.proj_dim": _POSITIVE,
         "selfsup.objective": ("simclr", "mocov2", "vicreg", "clip", "slip"),
         "ray.num_workers": _POSITIVE, "ray.max_failures": 0, "ray.num_to_keep": _POSITIVE, "ray.prefetch": _POSITIVE,
+        "ray.grad_sync": ("bucketed", "per_tensor"),
+        "transforms.cache.dtype": ("uint8", "uint16", "float32"), "ray.bucket_mb": 0.001,
     },
     "eval": {"batch_size": _POSITIVE, "bootstrap": 0, "min_positives": _POSITIVE, "limit": _POSITIVE,
              "fine_tune.epochs": 0, "fine_tune.min_images": _POSITIVE, "attention.n": 0},

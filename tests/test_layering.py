@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "raycxr"
-DATA_PLANE = ("raycxr.manifest", "raycxr.labels", "raycxr.readers", "raycxr.losses", "raycxr.quarantine")
+DATA_PLANE = ("raycxr.manifest", "raycxr.labels", "raycxr.readers", "raycxr.losses", "raycxr.quarantine",
+              "raycxr.cache")
 UPPER = ("raycxr.train", "raycxr.eval", "raycxr.methods", "raycxr.export", "raycxr.tune")
 
 

@@ -208,10 +208,14 @@ class LossLog:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors of a collated batch on ``device`` (lists such as image ids stay as they are)."""
+    """Tensors of a collated batch on ``device`` (lists such as image ids stay as they are). To a GPU the
+    tensors go through pinned memory, so the copy is asynchronous (``non_blocking``) and overlaps the
+    work already queued on the device."""
     if device.type == "cpu":
         return batch
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" and not v.is_pinned() else v)
+            .to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -317,16 +321,29 @@ def resolve_device(cfg: DictConfig) -> torch.device:
 
 def place(cfg: DictConfig, *modules: nn.Module | None) -> torch.device:
     """Move the run's modules to its device and set their mixed precision (``model.amp_dtype``, read by
-    the loops): ``precision: auto`` is bf16 autocast on a GPU and fp32 on the CPU."""
+    the loops): ``precision: auto`` is bf16 autocast on a GPU and fp32 on the CPU. ``channels_last: auto``
+    puts the weights in NHWC on a GPU; ``compile: default`` (or another ``torch.compile`` mode) compiles each
+    module's encoder in place."""
     device = resolve_device(cfg)
     precision = str(cfg.get("precision") or "auto")
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got '{precision}'")
     amp = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+    cl = str(cfg.get("channels_last") or "auto").lower()
+    channels_last = cl == "true" or (cl == "auto" and device.type == "cuda")
+    compile_mode = str(cfg.get("compile") or "off").lower()
     for m in modules:
         if m is not None:
-            m.to(device)
+            # channels_last: the layout cuDNN's convolutions and tensor cores run fastest in (NHWC)
+            if channels_last:
+                m.to(device, memory_format=torch.channels_last)
+            else:
+                m.to(device)
             m.amp_dtype = amp
+            if compile_mode not in ("off", "false"):
+                # in place (nn.Module.compile), on the encoder the loops call, so the model's own methods
+                # stay reachable; a deep copy made later (Ark's teacher) is not compiled
+                getattr(m, "encoder", m).compile(mode=None if compile_mode in ("true", "default") else compile_mode)
     return device
 
 

@@ -4,6 +4,11 @@ The actor holds the manifest, the reader, the MONAI transforms, the label space 
 task head (Ark) or query expert state. The trainer asks it for *transformed batches* by index, so
 only training tensors cross the wire. Place it next to the data with the site YAML's ``placement``
 (``label_selector`` for node labels, or ``resources`` for the legacy custom-resource way).
+
+A site may serve from several replicas (``replicas:`` in its YAML, or ``ray.site_replicas``): the
+same actor started N times with the same placement, so decoding and augmentation run in N processes
+on the site's nodes. Replica 0 is the named actor ``raycxr/<run>/<site>`` that also keeps the head;
+the others (``raycxr/<run>/<site>#<r>``) only serve batches, each with its own augmentation stream.
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ class SiteActorImpl:
         site_index: the site's number in the run (UniChest's source id).
         seed: seeds the uncertain-label policy.
         head_dir: where the site keeps its head (default: ``heads/`` next to its manifest).
+        replica: this actor's number among the site's replicas; it offsets the augmentation seed so
+            that replicas do not repeat each other's random draws (labels stay the same).
     """
 
     def __init__(self, site: SiteConfig, transforms: dict[str, Any], site_index: int, seed: int = 0,
-                 head_dir: str | None = None) -> None:
-        self.site = site
+                 head_dir: str | None = None, replica: int = 0) -> None:
+        self.site, self.replica = site, int(replica)
+        self.served = 0  # images this actor has served (transformed)
         self.manifest = self.site.load_manifest()
         self.transforms, self.site_index, self.seed = transforms, site_index, seed
         self.quarantine = Quarantine(self.site.quarantine_path, site=self.site.name)
@@ -59,6 +67,9 @@ class SiteActorImpl:
             self.datasets[key] = site_dataset(self.site, self.transforms, split=split, train=train, label_space=union,
                                               second_view=second_view, site_index=self.site_index, seed=self.seed,
                                               manifest=self.manifest, quarantine=self.quarantine)
+            if self.replica and self.datasets[key].transform is not None:
+                self.datasets[key].transform.set_random_state(
+                    seed=int(self.seed) * 1009 + int(self.site_index) + 7919 * self.replica)
         return self.datasets[key]
 
     def num_items(self, union_names: tuple[str, ...] | None = None, split: str = "train") -> int:
@@ -68,7 +79,16 @@ class SiteActorImpl:
               second_view: bool | str = False, split: str = "train") -> dict | None:
         """Transformed, collated samples; unreadable ones are quarantined here and left out."""
         ds = self._dataset("b", union_names, train, second_view, split)
-        return collate_skip_none([ds[i] for i in indices])
+        out = collate_skip_none([ds[i] for i in indices])
+        self.served += 0 if out is None else len(out["image"])
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """What this replica did: images served, and its decode cache's hits and misses (if any)."""
+        caches = {id(d.cache): d.cache for d in self.datasets.values() if d.cache is not None}
+        return {"replica": self.replica, "served": self.served,
+                "cache": {k: sum(c.stats[k] for c in caches.values()) for k in ("hits", "misses", "rebuilt")}
+                if caches else None}
 
     def get_head(self) -> dict[str, Any] | None:
         """The head this site keeps (state dict and version), or None."""
@@ -95,18 +115,25 @@ def site_actor_class():
     return ray.remote(SiteActorImpl)
 
 
+def replica_name(run_name: str, site: str, replica: int = 0) -> str:
+    """``<run>/<site>`` for replica 0 (the site's actor), ``<run>/<site>#<r>`` for the others."""
+    return f"{run_name}/{site}" if replica == 0 else f"{run_name}/{site}#{replica}"
+
+
 def start_site_actor(site: SiteConfig, *, transforms: dict[str, Any], site_index: int, seed: int, run_name: str,
-                     max_restarts: int = 3):
-    """A named site actor (``raycxr/<run>/<site>``), restarted by Ray if it dies, placed by the site's
-    ``placement`` (``label_selector`` or ``resources``)."""
-    opts: dict[str, Any] = {"name": f"{run_name}/{site.name}", "namespace": NAMESPACE, "get_if_exists": True,
-                            "max_restarts": max_restarts, "max_task_retries": max_restarts, "num_cpus": 0}
+                     max_restarts: int = 3, replica: int = 0, num_cpus: float = 0):
+    """A named site actor (``raycxr/<run>/<site>``, or ``...#<replica>``), restarted by Ray if it dies, placed
+    by the site's ``placement`` (``label_selector`` or ``resources``). ``num_cpus`` reserves cores for it
+    (``ray.site_cpus``; 0 by default, as the decode work is the site's own)."""
+    opts: dict[str, Any] = {"name": replica_name(run_name, site.name, replica), "namespace": NAMESPACE,
+                            "get_if_exists": True, "max_restarts": max_restarts, "max_task_retries": max_restarts,
+                            "num_cpus": num_cpus}
     placement = site.placement or {}
     if placement.get("label_selector"):
         opts["label_selector"] = dict(placement["label_selector"])
     if placement.get("resources"):
         opts["resources"] = dict(placement["resources"])
     # absolute paths: the actor may run in another working directory, or on another node
-    handle = site_actor_class().options(**opts).remote(site.resolved(), transforms, site_index, seed)
+    handle = site_actor_class().options(**opts).remote(site.resolved(), transforms, site_index, seed, replica=replica)
     _HANDLES.setdefault(opts["name"], handle)
     return handle

@@ -12,6 +12,7 @@ Example (``sites/nih.yaml``)::
     head: {kind: linear}         # the site's task head (Ark, concurrent): linear, or {kind: mlp, hidden: 256}
     objective: supervised        # or clip, simclr, mocov2, vicreg, slip for unlabelled sites
     placement: {}                # e.g. {label_selector: {site: nih}} or {resources: {site_nih: 0.001}}
+    replicas: 2                  # runner=ray: site actors serving batches (default: ray.site_replicas)
 
 Every key is checked on load; a problem names the file and the key.
 """
@@ -28,7 +29,7 @@ from ..labels import UNCERTAIN_POLICIES
 from ..manifest import Manifest
 
 _KEYS = {"name", "adapter", "root", "manifest", "description", "adapter_options", "labels", "head",
-         "objective", "placement", "quarantine"}
+         "objective", "placement", "quarantine", "replicas"}
 _HEAD_KEYS = {"kind", "hidden"}
 _LABEL_KEYS = {"uncertain_policy"}
 _PLACEMENT_KEYS = {"label_selector", "resources"}
@@ -55,6 +56,7 @@ class SiteConfig:
     objective: str = "supervised"
     placement: dict[str, Any] = field(default_factory=dict)
     quarantine_path: Path | None = None
+    replicas: int | None = None  # None: the run's ray.site_replicas
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, data_root: str | Path = ".", source: str = "<dict>") -> SiteConfig:
@@ -110,6 +112,9 @@ class SiteConfig:
         hidden = head.get("hidden")
         if "hidden" in head and (head.get("kind") != "mlp" or not isinstance(hidden, int) or hidden < 1):
             raise fail("head.hidden must be a positive integer, and only for head: {kind: mlp}")
+        replicas = d.get("replicas")
+        if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1):
+            raise fail(f"replicas must be a positive integer, got {replicas!r}")
         root = Path(d["root"]).expanduser()
         if not root.is_absolute():
             root = Path(data_root) / root
@@ -120,7 +125,7 @@ class SiteConfig:
                    yaml_path=Path(source) if source != "<dict>" else None,
                    description=d.get("description", ""), adapter_options=dict(d.get("adapter_options") or {}),
                    uncertain_policy=policy, head=head,
-                   objective=objective, placement=placement, quarantine_path=quarantine)
+                   objective=objective, placement=placement, quarantine_path=quarantine, replicas=replicas)
 
     @classmethod
     def load(cls, path: str | Path, *, data_root: str | Path = ".") -> SiteConfig:
@@ -138,7 +143,8 @@ class SiteConfig:
                 "manifest": str(self.manifest_path), "description": self.description,
                 "adapter_options": self.adapter_options, "labels": {"uncertain_policy": self.uncertain_policy},
                 "head": self.head, "objective": self.objective, "placement": self.placement,
-                **({"quarantine": str(self.quarantine_path)} if self.quarantine_path else {})}
+                **({"quarantine": str(self.quarantine_path)} if self.quarantine_path else {}),
+                **({"replicas": self.replicas} if self.replicas is not None else {})}
 
     def resolved(self) -> SiteConfig:
         """The same site with absolute paths: a site actor may run in another working directory or node."""

@@ -36,22 +36,39 @@ def absolute_paths(cfg: DictConfig) -> None:
 
 def start_site_actors(cfg: DictConfig, sites: dict[str, SiteConfig], run_name: str) -> dict[str, Any]:
     """One named actor per site (``raycxr/<run_name>/<site>``), ready when this returns."""
+    return {n: pool[0] for n, pool in start_site_replicas(cfg, sites, run_name, replicas=1).items()}
+
+
+def site_replicas(cfg: DictConfig, site: SiteConfig) -> int:
+    """How many actors serve ``site``: its YAML's ``replicas``, else ``ray.site_replicas`` (default 1)."""
+    return int(site.replicas or cfg.ray.get("site_replicas") or 1)
+
+
+def start_site_replicas(cfg: DictConfig, sites: dict[str, SiteConfig], run_name: str,
+                        replicas: int | None = None) -> dict[str, list[Any]]:
+    """Each site's replicas (:func:`site_replicas`, or ``replicas`` for every site), all placed by the
+    site's ``placement``; element 0 is the site's named actor. Ready when this returns."""
     import ray
 
     transforms = OmegaConf.to_container(cfg.transforms, resolve=True)
-    actors = {n: start_site_actor(s, transforms=transforms, site_index=i, seed=int(cfg.seed), run_name=run_name,
-                                  max_restarts=cfg.ray.actor_max_restarts)
-              for i, (n, s) in enumerate(sites.items())}
-    ray.get([a.ping.remote() for a in actors.values()])
-    return actors
+    cpus = float(cfg.ray.get("site_cpus") or 0)
+    pools = {n: [start_site_actor(s, transforms=transforms, site_index=i, seed=int(cfg.seed), run_name=run_name,
+                                  max_restarts=cfg.ray.actor_max_restarts, replica=r, num_cpus=cpus)
+                 for r in range(replicas or site_replicas(cfg, s))]
+             for i, (n, s) in enumerate(sites.items())}
+    ray.get([a.ping.remote() for pool in pools.values() for a in pool])
+    return pools
 
 
 def build_trainer(cfg: DictConfig, actors: dict[str, Any], loop: Callable[[dict], None], *, name: str,
-                  storage: str | Path, method_cls: type | None = None, callbacks: list | None = None) -> Any:
+                  storage: str | Path, method_cls: type | None = None, callbacks: list | None = None,
+                  replicas: dict[str, list[Any]] | None = None) -> Any:
     """The ``TorchTrainer`` whose workers run ``loop`` (:func:`raycxr.train.ray_runner.train_loop_per_worker`).
 
     ``method_cls`` travels to the workers with the config, so a method registered outside raycxr (a
-    plugin, or a test) runs there too; resume is Train V2's: the same ``name`` and ``storage``."""
+    plugin, or a test) runs there too; resume is Train V2's: the same ``name`` and ``storage``.
+    ``replicas`` (:func:`start_site_replicas`): the actors that serve each site's batches (default: ``actors``).
+    With ``ray.use_gpu`` Ray Train sets up NCCL (one GPU per worker); on CPU, gloo."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -59,7 +76,7 @@ def build_trainer(cfg: DictConfig, actors: dict[str, Any], loop: Callable[[dict]
     return TorchTrainer(
         loop,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "actors": actors,
-                           "method_cls": method_cls},
+                           "method_cls": method_cls, "replicas": replicas},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks or None,

@@ -1,11 +1,13 @@
 """``raycxr pretrain runner=ray``: the same method schedules, on Ray.
 
 - Every site runs as a named :class:`~raycxr.sites.actor.SiteActorImpl` actor that keeps its pixels,
-  transforms and head; the trainer pulls transformed batches by index, several requests ahead.
+  transforms and head, plus optional replicas placed like it (``replicas:``, ``ray.site_replicas``); the
+  trainer pulls transformed batches by index from the least busy replica, a bounded window ahead.
 - A Ray Train ``TorchTrainer`` (Train V2) runs :func:`train_loop_per_worker` on N workers (gloo on
   CPU). The loop calls :func:`raycxr.train.driver.train_method`, the same driver and method the local
   runner runs, with an actor-backed data plane and a checkpoint sink that reports through
-  ``ray.train.report``. Gradients are averaged across workers before each optimiser step.
+  ``ray.train.report``. Gradients are averaged across workers by :class:`~raycxr.train.grad_sync.BucketedGradSync`
+  (DDP's numerics: bucketed, overlapped with the backward pass), so the models keep their own methods.
 - Launching (cluster, site actors, trainer) is :mod:`raycxr.train.ray_launch`, shared with Tune.
 - Resume: run again with the same ``ray.run_name`` / ``ray.storage_path``; Ray hands the latest
   checkpoint back (``ray.train.get_checkpoint``). ``FailureConfig(max_failures)`` restarts a failed
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +32,9 @@ from ..checkpoint import FILENAME, Checkpoint
 from ..labels import UnionLabelSpace
 from ..methods import get_method, import_plugins
 from .driver import Run, train_method
+from .grad_sync import BucketedGradSync, GradAllReduce
 from .local import select_sites, val_enabled
-from .ray_launch import absolute_paths, build_trainer, init_ray, start_site_actors
+from .ray_launch import absolute_paths, build_trainer, init_ray, start_site_replicas
 
 
 def merge_batches(parts: list[dict]) -> dict | None:
@@ -46,18 +50,41 @@ def merge_batches(parts: list[dict]) -> dict | None:
 
 
 class ActorStream:
-    """Batches drawn from site actors: one shuffled pass per iteration, ``prefetch`` requests in flight.
+    """Batches drawn from site actors: one shuffled pass per iteration, a bounded window of requests in flight.
 
     Each pass permutes all (site, item) pairs with a seed that changes per pass, cuts them into
-    batches, keeps every ``world``-th batch for this worker, and asks each site actor for its part.
+    batches, keeps every ``world``-th batch for this worker, and asks each site for its part. A site
+    with several replicas (``replicas``) gets each request at the replica with the fewest requests of
+    this stream in flight, so the replicas decode in parallel; ``prefetch`` requests per replica are in
+    flight (back-pressure: no more are sent until the trainer takes a batch). Batches come back in
+    order, so the data a worker sees does not depend on which replica served it (only the random
+    augmentation draws do).
+
+    Args:
+        actors: one actor per site (the site's named actor).
+        sizes: items per site.
+        batch_size: items per batch (summed over sites).
+        seed: seeds the order of each pass, with the pass number (:meth:`set_epoch`).
+        rank, world: this Train worker and how many there are.
+        prefetch: requests in flight per replica.
+        drop_last: leave out the last, partial batch.
+        replicas: per site, the actors that serve its batches (default: ``[actor]``).
+        **batch_kw: passed to ``SiteActorImpl.batch`` (``union_names``, ``train``, ``split``...).
     """
 
     def __init__(self, actors: list, sizes: list[int], batch_size: int, *, seed: int, rank: int = 0,
-                 world: int = 1, prefetch: int = 4, drop_last: bool = True, **batch_kw: Any) -> None:
+                 world: int = 1, prefetch: int = 4, drop_last: bool = True, replicas: list[list] | None = None,
+                 **batch_kw: Any) -> None:
         self.actors, self.sizes, self.batch_size = actors, sizes, batch_size
-        self.seed, self.rank, self.world, self.prefetch = seed, rank, world, max(1, prefetch)
+        self.pools = [list(p) for p in replicas] if replicas else [[a] for a in actors]
+        self.seed, self.rank, self.world = seed, rank, world
+        self.prefetch = max(1, prefetch) * max(len(p) for p in self.pools) if self.pools else max(1, prefetch)
         self.drop_last, self.batch_kw = drop_last, batch_kw
         self.epoch = 0
+        self.inflight = [[0] * len(p) for p in self.pools]
+        self._turn = [0] * len(self.pools)
+        self.served: list[tuple[int, int, list[int]]] = []  # this pass's requests: (site, replica, indices)
+        self.waited = 0.0  # seconds the consumer waited for batches in this pass
 
     def set_epoch(self, epoch: int) -> None:
         """The next pass's order is a function of (seed, epoch), as for the local loaders."""
@@ -72,65 +99,69 @@ class ActorStream:
         n_even = (len(chunks) // self.world) * self.world or len(chunks)  # same step count on every worker
         return chunks[:n_even][self.rank::self.world]
 
-    def _request(self, chunk: list[tuple[int, int]]) -> list:
+    def _replica(self, a: int) -> int:
+        """The least busy replica of site ``a`` (ties: the next in turn)."""
+        n = len(self.pools[a])
+        r = min(range(n), key=lambda r: (self.inflight[a][r], (r - self._turn[a]) % n))
+        self._turn[a] = (r + 1) % n
+        return r
+
+    def _request(self, chunk: list[tuple[int, int]]) -> list[tuple[int, int, Any]]:
         by_actor: dict[int, list[int]] = {}
         for a, i in chunk:
             by_actor.setdefault(a, []).append(i)
-        return [self.actors[a].batch.remote(idx, **self.batch_kw) for a, idx in sorted(by_actor.items())]
+        out = []
+        for a, idx in sorted(by_actor.items()):
+            r = self._replica(a)
+            self.inflight[a][r] += 1
+            self.served.append((a, r, idx))
+            out.append((a, r, self.pools[a][r].batch.remote(idx, **self.batch_kw)))
+        return out
 
     def __iter__(self) -> Iterator[dict | None]:
         import ray
 
         chunks = self._chunks()
         self.epoch += 1
+        self.served, self.waited = [], 0.0
         pending: deque = deque()
         it = iter(chunks)
         for chunk in it:
             pending.append(self._request(chunk))
             if len(pending) >= self.prefetch:
                 break
-        while pending:
-            refs = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(self._request(nxt))
-            yield merge_batches(ray.get(refs))
+        try:
+            while pending:
+                parts = pending[0]
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(self._request(nxt))
+                t0 = time.perf_counter()
+                got = ray.get([ref for _, _, ref in parts])
+                self.waited += time.perf_counter() - t0
+                self._done(pending.popleft())
+                yield merge_batches(got)
+        finally:  # a consumer that stops early (max_steps_per_epoch) leaves requests behind: not in flight for us
+            while pending:
+                self._done(pending.popleft())
+
+    def _done(self, parts: list[tuple[int, int, Any]]) -> None:
+        for a, r, _ in parts:
+            self.inflight[a][r] -= 1
 
     def __len__(self) -> int:
         return len(self._chunks())
 
 
-class GradAllReduce:
-    """Optimiser wrapper that averages gradients over the Train workers before stepping.
-
-    Plain all-reduce rather than DDP's wrapper, so the models keep their own methods
-    (``set_stage``, ``heads``) unchanged; DDP's overlap of communication is given up."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    def step(self) -> None:
-        import torch.distributed as dist
-
-        world = dist.get_world_size()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-        self.optimizer.step()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.optimizer, name)
-
-
 class ActorData:
     """The data plane inside a Train worker: site actors instead of local datasets."""
 
-    def __init__(self, cfg: DictConfig, actors: dict[str, Any], rank: int, world: int) -> None:
+    def __init__(self, cfg: DictConfig, actors: dict[str, Any], rank: int, world: int,
+                 replicas: dict[str, list[Any]] | None = None) -> None:
         import ray
 
         self.cfg, self.actors, self.rank, self.world = cfg, actors, rank, world
+        self.replicas = {n: list((replicas or {}).get(n) or [a]) for n, a in actors.items()}
         self.info = dict(zip(actors, ray.get([a.info.remote() for a in actors.values()])))
         self.label_names = {n: list(i["label_names"]) for n, i in self.info.items()}
         self.union = UnionLabelSpace.build(self.label_names)
@@ -145,7 +176,8 @@ class ActorData:
         union_names = kw.get("union_names")
         sizes = ray.get([self.actors[n].num_items.remote(union_names) for n in names])
         return ActorStream([self.actors[n] for n in names], sizes, self.cfg.batch_size, seed=int(self.cfg.seed),
-                           rank=self.rank, world=self.world, prefetch=int(self.cfg.ray.prefetch), **kw)
+                           rank=self.rank, world=self.world, prefetch=int(self.cfg.ray.prefetch),
+                           replicas=[self.replicas[n] for n in names], **kw)
 
     def union_loader(self, second_view: bool | str = False) -> ActorStream:
         return self._stream(list(self.actors), union_names=self.union_names, second_view=second_view)
@@ -166,7 +198,7 @@ class ActorData:
             sizes = [min(int(self.cfg.val.limit), s) for s in sizes]
         return ActorStream([self.actors[n] for n in names], sizes, self.cfg.batch_size, seed=int(self.cfg.seed),
                            prefetch=int(self.cfg.ray.prefetch), drop_last=False, union_names=self.union_names,
-                           train=False, split=split)
+                           train=False, split=split, replicas=[self.replicas[n] for n in names])
 
     def probe(self) -> dict | None:
         import ray
@@ -180,8 +212,14 @@ class ActorData:
                                                      train=False)
                                       for a, s in zip(self.actors.values(), sizes)]))
 
-    def distribute(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | GradAllReduce:
-        return GradAllReduce(optimizer) if self.world > 1 else optimizer
+    def distribute(self, optimizer: torch.optim.Optimizer) -> Any:
+        """``ray.grad_sync``: ``bucketed`` (DDP's numerics, overlapped with the backward pass) or
+        ``per_tensor`` (one blocking all-reduce per tensor after it, the earlier scheme)."""
+        if self.world == 1:
+            return optimizer
+        if self.cfg.ray.get("grad_sync", "bucketed") == "per_tensor":
+            return GradAllReduce(optimizer)
+        return BucketedGradSync(optimizer, bucket_mb=float(self.cfg.ray.get("bucket_mb", 25.0)))
 
     def site_heads(self) -> dict[str, dict]:
         import ray
@@ -252,8 +290,8 @@ def train_loop_per_worker(config: dict) -> None:
             resume = Checkpoint.load(Path(d) / FILENAME)
     elif cfg.get("resume"):
         resume = Checkpoint.load(cfg.resume)
-    train_method(cfg, sites, RayRun(cfg.out, rank), resume, ActorData(cfg, config["actors"], rank, world),
-                 config.get("method_cls"))
+    data = ActorData(cfg, config["actors"], rank, world, replicas=config.get("replicas"))
+    train_method(cfg, sites, RayRun(cfg.out, rank), resume, data, config.get("method_cls"))
 
 
 def run_pretrain_ray(cfg: DictConfig, method_cls: type | None = None) -> dict[str, Any]:
@@ -264,12 +302,13 @@ def run_pretrain_ray(cfg: DictConfig, method_cls: type | None = None) -> dict[st
     init_ray(cfg)
     sites = select_sites(cfg)
     absolute_paths(cfg)
-    actors = start_site_actors(cfg, sites, r.run_name)
+    replicas = start_site_replicas(cfg, sites, r.run_name)
+    actors = {n: pool[0] for n, pool in replicas.items()}
     trainer = build_trainer(cfg, actors, train_loop_per_worker, name=r.run_name, storage=Path(r.storage_path).resolve(),
-                            method_cls=method_cls)
+                            method_cls=method_cls, replicas=replicas)
     result = trainer.fit()
     metrics = Path(cfg.out) / "metrics.jsonl"
     history = [json.loads(line) for line in open(metrics)] if metrics.exists() else []
     return {"history": [h for h in history if h.get("position", 0) >= 0], "checkpoint": str(Path(cfg.out) / FILENAME),
             "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "metrics": result.metrics, "sites": list(sites), "actors": actors}
+            "metrics": result.metrics, "sites": list(sites), "actors": actors, "replicas": replicas}

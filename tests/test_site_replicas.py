@@ -1,0 +1,81 @@
+"""A site served by two replicas on a real local Ray cluster (no Train run: the actors and the stream only)."""
+
+import pytest
+import torch
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from raycxr.config import compose  # noqa: E402
+from raycxr.sites.config import SiteConfigError  # noqa: E402
+from raycxr.train.local import select_sites  # noqa: E402
+from raycxr.train.ray_launch import site_replicas, start_site_actors, start_site_replicas  # noqa: E402
+from raycxr.train.ray_runner import ActorData  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    yield
+    ray.shutdown()
+
+
+def site_dir(tmp_path, small_corpus, replicas=None):
+    d = tmp_path / "sites"
+    d.mkdir(exist_ok=True)
+    spec = {"name": "vindr", "adapter": "manifest", "root": str(small_corpus / "vindr")}
+    if replicas is not None:
+        spec["replicas"] = replicas
+    (d / "vindr.yaml").write_text(yaml.safe_dump(spec))
+    return d
+
+
+def test_replicas_come_from_the_site_yaml_or_the_run(tmp_path, small_corpus):
+    cfg = compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus)}", "ray.site_replicas=3"])
+    assert site_replicas(cfg, select_sites(cfg)["vindr"]) == 3
+    cfg = compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, 2)}", "ray.site_replicas=3"])
+    assert site_replicas(cfg, select_sites(cfg)["vindr"]) == 2
+    with pytest.raises(SiteConfigError, match="replicas must be a positive integer"):
+        select_sites(compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, 0)}"]))
+
+
+@pytest.mark.ray
+def test_two_replicas_serve_disjoint_complete_batches_and_share_the_decode_cache(cluster, tmp_path, small_corpus):
+    cfg = compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, 2)}", "image_size=32",
+                               "batch_size=3", "ray.prefetch=2", "transforms.cache.enabled=true",
+                               f"transforms.cache.dir={tmp_path / 'cache'}"])
+    pools = start_site_replicas(cfg, select_sites(cfg), "t-replicas")
+    assert len(pools["vindr"]) == 2
+    # the single-actor entry point (federated mode, Tune) still gives the site's named actor, replica 0
+    assert start_site_actors(cfg, select_sites(cfg), "t-replicas")["vindr"]._actor_id == pools["vindr"][0]._actor_id
+    data = ActorData(cfg, {"vindr": pools["vindr"][0]}, 0, 1, replicas=pools)
+    n = ray.get(pools["vindr"][0].num_items.remote(data.union_names))
+    stream = data.union_loader()
+    stream.drop_last = False
+    seen: list[str] = []
+    for b in stream:
+        assert b["image"].shape[1:] == (1, 32, 32) and b["image"].dtype == torch.float32
+        seen += b["image_id"]
+    assert len(seen) == len(set(seen)) == n  # every image once: disjoint and complete
+    by_replica = [sorted(i for _, r, idx in stream.served if r == k for i in idx) for k in (0, 1)]
+    assert by_replica[0] and by_replica[1] and not set(by_replica[0]) & set(by_replica[1])
+    assert sorted(by_replica[0] + by_replica[1]) == list(range(n))
+    stats = ray.get([a.stats.remote() for a in pools["vindr"]])
+    assert [s["served"] for s in stats] == [len(by_replica[0]), len(by_replica[1])]
+    # the two processes filled one cache: each image decoded once, then a second epoch only hits
+    assert sum(s["cache"]["misses"] for s in stats) == n
+    list(stream)
+    stats = ray.get([a.stats.remote() for a in pools["vindr"]])
+    assert sum(s["cache"]["misses"] for s in stats) == n and sum(s["cache"]["hits"] for s in stats) == n
+    # a consumer that stops early (max_steps_per_epoch) leaves nothing counted as in flight
+    it = iter(stream)
+    next(it)
+    assert sum(stream.inflight[0]) > 0
+    it.close()
+    assert stream.inflight == [[0, 0]]
+    # replicas draw different augmentations of the same image; the evaluation view is the same
+    kw = {"union_names": data.union_names}
+    a, b = ray.get([p.batch.remote([0], **kw) for p in pools["vindr"]])
+    assert not torch.equal(a["image"], b["image"])
+    a, b = ray.get([p.batch.remote([0], train=False, **kw) for p in pools["vindr"]])
+    assert torch.equal(a["image"], b["image"])
