@@ -1,0 +1,244 @@
+"""UmiF: token grouping, CLS handling, both losses by hand, mask rendering inside the site, the
+pair-type sampler, the EMA teacher; then training through the local runner, resume and export."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raycxr.config import compose
+from raycxr.dataset import (
+    abnormality_intensity,
+    pair_type_probabilities,
+    render_annotation,
+    sample_pairs,
+    site_pair_types,
+)
+from raycxr.losses import byol_consistency_loss, ema_update, umif_alignment_loss
+from raycxr.models.umif import UmiF, UmiFImageEncoder, group_bits, sample_ratios
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# -- grouping ---------------------------------------------------------------------------------------
+def test_group_bits_ratios_follow_r_and_leave_padding_out():
+    g = torch.Generator().manual_seed(0)
+    valid_i = torch.ones(4, 16, dtype=torch.bool)
+    valid_s = torch.ones(4, 10, dtype=torch.bool)
+    valid_s[1, 6:] = False  # a shorter text: 6 tokens
+    r = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    b_i, b_s = group_bits(valid_i, valid_s, r, g)
+    assert b_i.sum(1).tolist() == [16, 8, 4, 0]  # round(r · n_i) image tokens in group 1
+    assert b_s.sum(1).tolist() == [0, 3, 8, 10]  # round((1 - r) · n_s) supervision tokens in group 1
+    assert not b_s[1, 6:].any()  # padding is in neither group
+    # r = 1: image alone in group 1, supervision alone in group 0 (the CLIP-like split)
+    assert b_i[0].all() and not b_s[0].any()
+    # positions are random: two draws of the same ratio differ
+    b2, _ = group_bits(valid_i, valid_s, r, g)
+    assert not torch.equal(b_i[1], b2[1])
+
+
+def test_an_image_only_pair_keeps_both_groups_non_empty():
+    valid_i = torch.ones(3, 4, dtype=torch.bool)
+    none = torch.zeros(3, 0, dtype=torch.bool)
+    b_i, b_s = group_bits(valid_i, none, torch.tensor([1.0, 0.0, 0.5]))
+    assert b_i.sum(1).tolist() == [3, 1, 2] and b_s.shape == (3, 0)
+
+
+def test_sample_ratios_r_is_one_with_probability_p():
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(sample_ratios(50, 1.0, g), torch.ones(50))
+    r0 = sample_ratios(4000, 0.0, g)
+    assert (r0 < 1).all() and abs(float(r0.mean()) - 0.5) < 0.03
+    r = sample_ratios(4000, 0.2, g)
+    assert abs(float((r == 1).float().mean()) - 0.2) < 0.03
+    with pytest.raises(ValueError, match="p must be in"):
+        sample_ratios(2, 1.5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    enc = UmiFImageEncoder("vit_tiny_patch16_224", img_size=32)
+    return UmiF(enc, torch.randn(50, 12), max_text=8).eval()
+
+
+def test_cls_handling_two_cls_tokens_and_the_image_only_tower(model):
+    x = torch.rand(3, 1, 32, 32)
+    ids = torch.randint(0, 50, (3, 5))
+    valid_t = torch.ones(3, 5, dtype=torch.bool)
+    tokens, v_i, v_s = model.tokens(x, ids, valid_t)
+    assert tokens.shape == (3, 4 + 5, 192) and v_i.shape == (3, 4) and v_s.shape == (3, 5)
+    with torch.no_grad():
+        f1, f0 = model.grouped(tokens, v_i, v_s, torch.ones(3))
+        # r = 1: group 1 is the image alone with the ViT's own CLS, i.e. exactly the exported image tower
+        cls, patches = model.encoder(x)
+        assert torch.allclose(f1, cls, atol=1e-5) and patches.shape == (3, 4, 192)
+        # group 0 is the text alone under its own CLS (cls0), the same as the prompt encoder
+        assert torch.allclose(f0, model.text_features(ids, valid_t), atol=1e-5)
+        # each group has its own CLS: moving cls0 moves f0 only
+        kick = torch.randn_like(model.cls0)  # not a constant shift: LayerNorm would remove that
+        model.cls0.add_(kick)
+        g1, g0 = model.grouped(tokens, v_i, v_s, torch.ones(3))
+        model.cls0.sub_(kick)
+        assert torch.allclose(g1, f1, atol=1e-6) and not torch.allclose(g0, f0, atol=1e-3)
+        assert model.cls0 is not model.encoder.backbone.cls_token
+        # a token outside a group does not change that group's CLS
+        edited = tokens.clone()
+        edited[:, 4:] += torch.randn_like(edited[:, 4:])  # change every text token
+        g1, g0 = model.grouped(edited, v_i, v_s, torch.ones(3))
+        assert torch.allclose(g1, f1, atol=1e-5) and not torch.allclose(g0, f0, atol=1e-3)
+
+
+def test_mask_tokens_have_their_own_tokenizer_with_the_same_init(model):
+    torch.manual_seed(0)
+    fresh = UmiF(UmiFImageEncoder("vit_tiny_patch16_224", img_size=32), torch.randn(50, 12), max_text=8)
+    pe, me = fresh.encoder.backbone.patch_embed, fresh.mask_embed
+    assert torch.equal(pe.proj.weight, me.proj.weight) and pe.proj.weight is not me.proj.weight
+    assert "word_embeddings" not in fresh.state_dict()  # rebuilt from the text model folder, not checkpointed
+
+
+# -- losses by hand ---------------------------------------------------------------------------------
+def test_alignment_loss_hand_values():
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    tau = 0.5
+    # identical groups: each point's positive at 1/τ, two other points at 0 → ℓ = log(1 + 2e^{-1/τ});
+    # Eq. 1 sums the two directions per pair and divides by B: 2ℓ
+    got = umif_alignment_loss(t([e1, e2]), t([e1, e2]), tau)
+    assert got.item() == pytest.approx(2 * math.log(1 + 2 * math.exp(-1 / tau)), rel=1e-12)
+    # swapped: f1 = (e1, e2), f0 = (e2, e1): every positive at cos 0, the other pair's same vector at 1/τ
+    # ℓ = -0 + log(e^{0} + e^{1/τ} + e^{0}) for all four points
+    got = umif_alignment_loss(t([[2.0, 0.0], e2]), t([e2, e1]), tau)
+    assert got.item() == pytest.approx(2 * math.log(2 + math.exp(1 / tau)), rel=1e-12)
+
+
+def test_consistency_loss_hand_values_and_no_gradient_into_the_teacher():
+    teacher = t([[1.0, 0.0], [0.0, 2.0]]).requires_grad_(True)
+    f0 = t([[1.0, 0.0], [1.0, 0.0]]).requires_grad_(True)  # cos 1, cos 0
+    f1 = t([[-3.0, 0.0], [1.0, 1.0]])  # cos -1, cos 1/√2
+    got = byol_consistency_loss(teacher, f0, f1)
+    want = ((2 - 2) + (2 + 2) + (2 - 0) + (2 - 2 / math.sqrt(2))) / 2
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    got.backward()
+    assert teacher.grad is None and f0.grad is not None
+    assert byol_consistency_loss(t([e := [1.0, 0.0]]), t([e]), t([e])).item() == 0.0
+    with pytest.raises(ValueError, match="must all be"):
+        byol_consistency_loss(t([[1.0, 0.0]]), t([[1.0, 0.0]]), t([[1.0, 0.0], [0.0, 1.0]]))
+
+
+# -- the site's mask image --------------------------------------------------------------------------
+def test_annotation_rendered_from_boxes_one_intensity_per_abnormality():
+    boxes = [{"label": "Nodule", "x0": 0.0, "y0": 0.0, "x1": 0.5, "y1": 0.25},
+             {"label": "Effusion", "x0": 0.5, "y0": 0.5, "x1": 1.0, "y1": 1.0}]
+    img = render_annotation(boxes, None, 8)
+    assert img.shape == (1, 8, 8) and img.dtype == np.float32
+    nod, eff = abnormality_intensity("Nodule"), abnormality_intensity("Effusion")
+    assert nod != eff and 0.25 <= min(nod, eff) and max(nod, eff) <= 1.0
+    assert (img[0, :2, :4] == nod).all() and (img[0, 4:, 4:] == eff).all()
+    assert img[0, 2:, :4].sum() == 0 and img[0, :4, 4:].sum() == 0  # black background elsewhere
+    assert abnormality_intensity("effusion") == eff  # the same class name gives the same level at every site
+    assert render_annotation(None, None, 4).sum() == 0
+
+
+def test_annotation_rendered_from_a_lesion_mask(tmp_path):
+    m = np.zeros((16, 16), np.uint8)
+    m[8:, :8] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
+    img = render_annotation([{"label": "Nodule", "x0": 0.75, "y0": 0.0, "x1": 1.0, "y1": 0.25}],
+                            tmp_path / "m.png", 4, mask_label="Pneumothorax")
+    ptx = abnormality_intensity("Pneumothorax")
+    assert (img[0, 2:, :2] == ptx).all() and img[0, 0, 3] == abnormality_intensity("Nodule")
+    assert img[0, :2, :2].sum() == 0 and img[0, 2:, 2:].sum() == 0
+
+
+def test_the_site_renders_annotations_and_declares_its_pair_types(small_corpus):
+    from raycxr.dataset import site_dataset
+    from raycxr.manifest import Manifest
+    from raycxr.sites.config import SiteConfig
+
+    types = {}
+    for name in ("nih", "vindr", "siim"):
+        site = SiteConfig.from_dict({"name": name, "adapter": "manifest", "root": str(small_corpus / name)})
+        types[name] = site_pair_types(site.load_manifest())
+    assert types["siim"] == ["image-class", "image-segment"]  # labels + pneumothorax masks
+    assert "image-class" in types["nih"]
+    m = Manifest.read(small_corpus / "siim" / "manifest.parquet")
+    bare = Manifest.from_records(m.to_pandas().drop(columns=["labels", "mask_path", "boxes"]).assign(
+        labels=[[None] * len(m.label_names)] * len(m)).to_dict("records"), m.label_names)
+    assert site_pair_types(bare) == ["image-only"]
+    site = SiteConfig.from_dict({"name": "siim", "adapter": "manifest", "root": str(small_corpus / "siim")})
+    ds = site_dataset(site, {"size": 32}, split=None, train=False, second_view="annotation")
+    items = [ds[i] for i in range(len(ds))]
+    with_mask = [it for it in items if it["has_annotation"]]
+    assert with_mask and all(it["annotation"].shape == (1, 32, 32) for it in items) and "image2" not in items[0]
+    drawn = [it for it in with_mask if it["annotation"].max() > 0]
+    ptx = float(np.float32(abnormality_intensity("Pneumothorax")))
+    assert drawn and all(set(it["annotation"].unique().tolist()) <= {0.0, ptx} for it in drawn)
+
+
+# -- the pair-type sampler --------------------------------------------------------------------------
+def test_pair_types_are_drawn_in_proportion_to_their_data_size():
+    assert pair_type_probabilities({"image-report": 3, "image-class": 1}) == {"image-report": 0.75,
+                                                                              "image-class": 0.25}
+    with pytest.raises(ValueError, match="no pairs"):
+        pair_type_probabilities({"image-report": 0})
+    # 6 samples: 4 with a report and labels, 2 with labels and boxes → 4 report, 6 class, 2 segment pairs
+    supported = [["image-report", "image-class"]] * 4 + [["image-class", "image-segment"]] * 2
+    want = pair_type_probabilities({"image-report": 4, "image-class": 6, "image-segment": 2})
+    rng = np.random.default_rng(0)
+    counts, per_pair = {}, {}
+    for _ in range(4000):
+        pairs = sample_pairs(supported, 3, rng)
+        assert len(set(pairs)) == 3  # without replacement within a batch
+        for p in pairs:
+            counts[p[1]] = counts.get(p[1], 0) + 1
+            per_pair[p] = per_pair.get(p, 0) + 1
+    total = sum(counts.values())
+    for k, v in want.items():
+        assert abs(counts[k] / total - v) < 0.02
+    # every pair about equally likely (Algorithm 1: all samples about the same chance)
+    assert len(per_pair) == 12 and max(per_pair.values()) / min(per_pair.values()) < 1.15
+    assert sample_pairs([], 4, rng) == [] and len(sample_pairs([["image-only"]] * 2, 5, rng)) == 2
+
+
+# -- the EMA teacher --------------------------------------------------------------------------------
+def test_the_teacher_is_an_ema_of_the_student(model):
+    import copy
+
+    student = copy.deepcopy(model)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in teacher.named_parameters()}
+    ema_update(teacher, student, 0.9)
+    s = dict(student.named_parameters())
+    for k, v in teacher.named_parameters():
+        assert torch.allclose(v, 0.9 * before[k] + 0.1 * s[k])
+    assert torch.equal(teacher.word_embeddings, model.word_embeddings)  # a buffer: not averaged
+
+
+def test_class_prompts_and_pair_types_of_a_batch():
+    from raycxr.methods.umif import class_prompt, pair_types_of
+
+    names = ["Edema", "Nodule", "Mass"]
+    assert class_prompt(names, torch.tensor([1.0, 0, 1]), torch.ones(3)) == "Chest X-ray showing Edema and Mass."
+    assert class_prompt(names, torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 1])).startswith("Chest X-ray with none")
+    batch = {"image": torch.zeros(3, 1, 4, 4), "report": ["a report", "", ""],
+             "targets": torch.zeros(3, 3), "target_mask": torch.tensor([[1.0, 1, 1], [0, 0, 0], [0, 0, 0]]),
+             "has_annotation": torch.tensor([False, True, False])}
+    assert pair_types_of(batch) == [["image-report", "image-class"], ["image-segment"], ["image-only"]]
+    assert pair_types_of(batch, segment=False)[1] == ["image-only"]
+
+
+def test_the_config_section_and_its_ranges():
+    c = compose("pretrain", ["method=umif"])
+    assert c.umif.p == 0.2 and c.umif.teacher is True and c.umif.vit == "vit_tiny_patch16_224"
+    with pytest.raises(ValueError, match="umif.tau"):
+        compose("pretrain", ["method=umif", "umif.tau=0"])
+    with pytest.raises(ValueError, match="umif"):
+        compose("pretrain", ["method=umif", "+umif.bogus=1"])
