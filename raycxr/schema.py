@@ -149,6 +149,23 @@ class SelfSupSection:
 
 
 @dataclass
+class UmiFSection:
+    vit: str = MISSING
+    drop_path_rate: Optional[float] = MISSING
+    epochs: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    p: float = MISSING
+    tau: float = MISSING
+    teacher: bool = MISSING
+    con_weight: float = MISSING
+    momentum: float = MISSING
+    segment_pairs: bool = MISSING
+    prompt: str = MISSING
+    negative_prompt: str = MISSING
+
+
+@dataclass
 class RaySection:
     address: Optional[str] = MISSING
     num_cpus: Optional[int] = MISSING
@@ -217,6 +234,7 @@ class PretrainConfig:
     ark: ArkSection = MISSING
     baseline: BaselineSection = MISSING
     selfsup: SelfSupSection = MISSING
+    umif: UmiFSection = MISSING
     ray: RaySection = MISSING
 
 
@@ -472,6 +490,8 @@ RULES: dict[str, dict[str, Any]] = {
         "ark.optimizer": ("sgd", "adamw"),
         "baseline.epochs": 0, "baseline.lr": 0.0, "selfsup.epochs": 0, "selfsup.proj_dim": _POSITIVE,
         "selfsup.objective": ("simclr", "mocov2", "vicreg", "clip", "slip"),
+        "umif.epochs": 0, "umif.lr": 0.0, "umif.p": 0.0, "umif.tau": 1e-6, "umif.con_weight": 0.0,
+        "umif.momentum": 0.0, "umif.weight_decay": 0.0,
         "ray.num_workers": _POSITIVE, "ray.max_failures": 0, "ray.num_to_keep": _POSITIVE, "ray.prefetch": _POSITIVE,
     },
     "eval": {"batch_size": _POSITIVE, "bootstrap": 0, "min_positives": _POSITIVE, "limit": _POSITIVE,

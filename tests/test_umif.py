@@ -180,6 +180,15 @@ def test_the_site_renders_annotations_and_declares_its_pair_types(small_corpus):
     assert drawn and all(set(it["annotation"].unique().tolist()) <= {0.0, ptx} for it in drawn)
 
 
+def test_sites_show_lists_a_sites_pair_types(umif_run, capsys):
+    from raycxr.cli import main
+
+    _, _, sites = umif_run
+    assert main(["sites", "show", "nih", sites[0].removeprefix("sites.")]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("pair types")]
+    assert line and "image-report" in line[0] and "image-class" in line[0]
+
+
 # -- the pair-type sampler --------------------------------------------------------------------------
 def test_pair_types_are_drawn_in_proportion_to_their_data_size():
     assert pair_type_probabilities({"image-report": 3, "image-class": 1}) == {"image-report": 0.75,
@@ -242,3 +251,118 @@ def test_the_config_section_and_its_ranges():
         compose("pretrain", ["method=umif", "umif.tau=0"])
     with pytest.raises(ValueError, match="umif"):
         compose("pretrain", ["method=umif", "+umif.bogus=1"])
+
+
+# -- through the runners ----------------------------------------------------------------------------
+UMIF_SMALL = ["image_size=64", "batch_size=8", "max_steps_per_epoch=2", "text.max_length=16", "threads=2",
+              "probe_size=12", "val.limit=8", "val.split=train", "method=umif", "umif.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def umif_run(small_corpus, tmp_path_factory):
+    """A tiny UmiF run on three sites, one of them with a report on every image (image-report pairs)."""
+    import yaml
+
+    from raycxr.manifest import Manifest
+    from raycxr.train.local import run_pretrain
+
+    tmp = tmp_path_factory.mktemp("umif")
+    d = tmp / "sites"
+    d.mkdir()
+    m = Manifest.read(small_corpus / "nih" / "manifest.parquet")
+    df = m.to_pandas()
+    df["report"] = [("Small right pleural effusion." if i % 2 else "Clear lungs, no acute finding.")
+                    for i in range(len(df))]
+    Manifest.from_records(df.to_dict("records"), m.label_names, m.site_meta).write(tmp / "nih.parquet")
+    (d / "nih.yaml").write_text(yaml.safe_dump({"name": "nih", "adapter": "manifest", "root": str(small_corpus / "nih"),
+                                                "manifest": str(tmp / "nih.parquet")}))
+    for n in ("vindr", "siim"):
+        (d / f"{n}.yaml").write_text(yaml.safe_dump({"name": n, "adapter": "manifest", "root": str(small_corpus / n)}))
+    sites = [f"sites.sites_dir={d}"]
+    res = run_pretrain(compose("pretrain", [*UMIF_SMALL, *sites, f"out={tmp / 'run'}", "umif.epochs=4"]))
+    return tmp / "run", res, sites
+
+
+def test_umif_trains_through_the_local_runner_and_the_probe_loss_falls(umif_run):
+    import json
+
+    run, res, _ = umif_run
+    h = res["history"]
+    assert [r["epoch"] for r in h] == [0, 1, 2, 3] and all(r["steps"] == 2 for r in h)
+    assert all(np.isfinite(r["loss"]) and "align" in r and "con" in r for r in h)
+    kinds = {k for r in h for k in r if k.startswith("pairs_")}
+    assert {"pairs_image_report", "pairs_image_class", "pairs_image_segment"} <= kinds  # a batch mixes types
+    curve = [json.loads(line)["probe_align"] for line in open(run / "metrics.jsonl")]
+    assert len(curve) == 5 and curve[-1] < curve[0]
+    assert all(r.get("val_auc") is not None for r in h)  # the prompt head is scored after each unit
+
+
+def test_a_umif_run_is_the_image_only_vit_with_a_prompt_head(umif_run):
+    from raycxr.checkpoint import Checkpoint
+    from raycxr.methods import load_pretrained
+
+    run, _, _ = umif_run
+    ck = Checkpoint.load(run)
+    assert ck.method == "umif" and ck.config["encoder"]["name"] == "vit_tiny_patch16_224" and "teacher" in ck.modules
+    pre = load_pretrained(run)
+    x = torch.rand(3, 1, 64, 64)
+    p = pre.classifier(x)
+    assert p.shape == (3, len(pre.class_names)) and ((p > 0) & (p < 1)).all()
+    assert pre.embedding_model(x).shape == (3, 192)
+    assert pre.zero_shot_classifier(["Pneumothorax", "Edema"])(x).shape == (3, 2)
+
+
+def test_a_umif_run_exports_to_onnx_with_parity(umif_run, tmp_path):
+    from raycxr.export import export_onnx
+
+    run, _, sites = umif_run
+    result = export_onnx(compose("export", [f"run={run}", f"out={tmp_path / 'export'}", "parity.batch=3",
+                                            "threads=2", *sites]))
+    assert (tmp_path / "export" / "classifier.onnx").is_file() and (tmp_path / "export" / "encoder.onnx").is_file()
+    for kind in ("classifier", "encoder"):
+        assert result["parity"][kind]["max_abs_diff"] <= 1e-4
+    meta = result["metadata"]["classifier"]
+    assert meta["method"] == "umif" and meta["encoder"] == "vit_tiny_patch16_224" and meta["input_size"] == "64"
+    # the hospital runtime scores a site's image as the PyTorch classifier does
+    from raycxr.methods import load_pretrained
+    from raycxr.readers import read_image, resize
+    from raycxr_runtime.inference import Predictor
+    from raycxr_runtime.model import Model
+
+    pre = load_pretrained(run)
+    path = sorted((small_corpus_root(sites) / "nih").rglob("*.dcm"))[0]
+    got = Predictor(Model(tmp_path / "export" / "classifier.onnx", threads=2), force=True).predict_file(str(path))
+    assert got.status == "scored"
+    with torch.no_grad():
+        want = pre.classifier(torch.from_numpy(resize(read_image(path), 64))[None, None]).numpy()[0]
+    assert np.abs(np.array([got.probabilities[c] for c in pre.class_names]) - want).max() <= 1e-4
+
+
+def small_corpus_root(sites):
+    from pathlib import Path
+
+    import yaml
+
+    d = Path(sites[0].split("=", 1)[1])
+    return Path(yaml.safe_load((d / "vindr.yaml").read_text())["root"]).parent
+
+
+@pytest.mark.ray
+def test_umif_trains_through_the_ray_runner_with_masks_rendered_in_the_site_actors(umif_run, tmp_path):
+    import ray
+
+    from raycxr.methods import load_pretrained
+    from raycxr.train.ray_runner import run_pretrain_ray
+
+    _, _, sites = umif_run
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    try:
+        res = run_pretrain_ray(compose("pretrain", [
+            *UMIF_SMALL, *sites, "runner=ray", "site_names=[nih,siim]", "umif.epochs=1", "val.enabled=false",
+            f"out={tmp_path / 'run'}", f"ray.storage_path={tmp_path / 'store'}", "ray.run_name=t-umif"]))
+    finally:
+        ray.shutdown()
+    h = res["history"]
+    assert len(h) == 1 and h[0]["steps"] == 2 and np.isfinite(h[0]["loss"])
+    assert h[0].get("pairs_image_segment", 0) > 0 and h[0].get("pairs_image_report", 0) > 0
+    assert load_pretrained(tmp_path / "run").method == "umif"
