@@ -296,6 +296,13 @@ class AttentionSection:
 
 
 @dataclass
+class RetrievalSection:
+    enabled: bool = MISSING
+    sites: Any = MISSING  # null, "all" or a list of names
+    ks: list[int] = MISSING
+
+
+@dataclass
 class EvalConfig:
     sites: SitesSection = MISSING
     run: str = MISSING
@@ -312,6 +319,7 @@ class EvalConfig:
     linear_probe: LinearProbeSection = MISSING
     fine_tune: FineTuneSection = MISSING
     attention: AttentionSection = MISSING
+    retrieval: RetrievalSection = MISSING
 
 
 @dataclass

@@ -366,3 +366,37 @@ def test_umif_trains_through_the_ray_runner_with_masks_rendered_in_the_site_acto
     assert len(h) == 1 and h[0]["steps"] == 2 and np.isfinite(h[0]["loss"])
     assert h[0].get("pairs_image_segment", 0) > 0 and h[0].get("pairs_image_report", 0) > 0
     assert load_pretrained(tmp_path / "run").method == "umif"
+
+
+# -- UmiF's own evaluation --------------------------------------------------------------------------
+def test_recall_at_k_by_hand():
+    from raycxr.eval.retrieval import recall_at_k
+
+    img = t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    txt = t([[1.0, 0.1], [1.0, 0.0], [1.0, 1.0]])
+    # image→text: image 0's best is text 1 (cos 1) then its own text 0 → rank 2; image 1's own text 1 is
+    # last (cos 0) → rank 3; image 2: own text 2 (cos 1) first → rank 1
+    # text→image: text 0 → image 0 (cos .995) first; text 1 → image 0 (cos 1) beats image 1 (cos 0): rank 3;
+    # text 2 → image 2 first
+    r = recall_at_k(img, txt, ks=(1, 2, 3))
+    assert r["image_to_text_r@1"] == pytest.approx(1 / 3) and r["image_to_text_r@2"] == pytest.approx(2 / 3)
+    assert r["image_to_text_r@3"] == 1.0
+    assert r["text_to_image_r@1"] == pytest.approx(2 / 3) and r["text_to_image_r@2"] == pytest.approx(2 / 3)
+    same = recall_at_k(torch.ones(4, 2), torch.ones(4, 2), ks=(1,))  # ties count against the partner
+    assert same["image_to_text_r@1"] == 0.0
+
+
+def test_raycxr_eval_gives_umif_retrieval_and_the_linear_probe(umif_run, tmp_path):
+    from raycxr.eval.evaluate import run_eval
+
+    run, _, sites = umif_run
+    res = run_eval(compose("eval", [f"run={run}", f"out={tmp_path}", *sites, "split=train", "limit=12",
+                                    "bootstrap=0", "min_positives=1", "fine_tune.enabled=false",
+                                    "linear_probe.sites=[nih]", "linear_probe.random_baseline=false", "threads=2"]))
+    r = res["retrieval"]["nih"]
+    assert r["n_pairs"] == 12 and r["distinct_reports"] == 2
+    assert all(0.0 <= r[f"{d}_r@{k}"] <= 1.0 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10))
+    assert r["image_to_text_r@10"] >= r["image_to_text_r@5"] >= r["image_to_text_r@1"]
+    assert "note" in res["retrieval"]["siim"]  # no reports at siim: said, not scored
+    assert res["linear_probe"]["nih"]["mean"]["auc"] is not None
+    assert res["sites"]["nih"]["metrics"]["mean"]  # the prompt-head classifier scored too

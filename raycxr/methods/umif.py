@@ -207,6 +207,7 @@ class UmiFMethod(Method):
             check_resume(resume, self.name)
         # the run's encoder is the UmiF ViT: recorded so a checkpoint's config names it (export metadata)
         OmegaConf.update(self.cfg, "encoder.name", str(s.vit), force_add=True)
+        OmegaConf.update(self.cfg, "encoder.embed_dim", None)  # the ViT width: the CLS is the embedding
         self.tokenizer = UmiFTokenizer(self.cfg)
         self.model = build_umif(self.cfg, self.tokenizer)
         self.teacher = copy.deepcopy(self.model).requires_grad_(False) if bool(s.teacher) else None
@@ -298,6 +299,11 @@ class UmiFMethod(Method):
             return PromptHeadClassifier(model.encoder, prompt_features(model, tokenizer, labels, str(s.prompt)),
                                         float(s.tau))
 
+        @torch.no_grad()
+        def encode_text(texts: list[str]) -> torch.Tensor:
+            """Reports (any text) as group 0's CLS over their language tokens (image-report retrieval)."""
+            return model.text_features(*tokenizer(list(texts), device_of(model)))
+
         return Pretrained(method=cls.name, classifier=zero_shot(names), encoder=model.encoder, class_names=names,
                           image_size=ckpt.image_size, sites=ckpt.site_names, config=ckpt.config, source=ckpt.source,
-                          zero_shot=zero_shot, extra={"umif": model, "tokenizer": tokenizer})
+                          zero_shot=zero_shot, extra={"umif": model, "tokenizer": tokenizer, "encode_text": encode_text})
