@@ -306,4 +306,5 @@ class UmiFMethod(Method):
 
         return Pretrained(method=cls.name, classifier=zero_shot(names), encoder=model.encoder, class_names=names,
                           image_size=ckpt.image_size, sites=ckpt.site_names, config=ckpt.config, source=ckpt.source,
-                          zero_shot=zero_shot, extra={"umif": model, "tokenizer": tokenizer, "encode_text": encode_text})
+                          zero_shot=zero_shot,
+                          extra={"umif": model, "tokenizer": tokenizer, "encode_text": encode_text})
