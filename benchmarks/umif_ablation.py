@@ -15,7 +15,7 @@ The corpus is synthesised here (`raycxr synth`'s generator: nih, vindr, openi, s
 figures are a smoke-level comparison, not a replication of the paper's tables. Measured on a shared,
 loaded 2-core CPU: the throughput is a relative figure between methods of one run.
 
-    python benchmarks/umif_ablation.py [--n-per-site 40] [--steps 4] [--epochs 2] [--out benchmarks/results]
+    python benchmarks/umif_ablation.py [--n-per-site 60] [--steps 5] [--epochs 3] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ ROWS = {  # name -> overrides
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n-per-site", type=int, default=40)
-    ap.add_argument("--steps", type=int, default=4, help="optimiser steps per epoch")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--n-per-site", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=5, help="optimiser steps per epoch")
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--probe-site", default="nih")
