@@ -376,6 +376,7 @@ class SegmentConfig:
     augment: bool = MISSING
     threshold: float = MISSING
     n_train_limit: Optional[int] = MISSING
+    train_fraction: float = MISSING
     n_test_limit: Optional[int] = MISSING
     n_figure: int = MISSING
     seed: int = MISSING
@@ -506,7 +507,8 @@ RULES: dict[str, dict[str, Any]] = {
              "fine_tune.epochs": 0, "fine_tune.min_images": _POSITIVE, "attention.n": 0},
     "export": {"opset": 11, "batch_size": _POSITIVE, "exporter": ("legacy", "dynamo"),
                "int8_mode": ("dynamic", "static"), "parity.batch": _POSITIVE, "calibration_images": _POSITIVE},
-    "segment": {"image_size": _POSITIVE, "epochs": 0, "batch_size": _POSITIVE, "max_steps_per_epoch": _POSITIVE},
+    "segment": {"image_size": _POSITIVE, "epochs": 0, "train_fraction": 1e-6, "batch_size": _POSITIVE,
+                "max_steps_per_epoch": _POSITIVE},
     "synth": {"n_per_site": _POSITIVE, "render_size": 32, "workers": _POSITIVE},
     "sites": {"workers": _POSITIVE},
 }

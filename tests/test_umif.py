@@ -400,3 +400,22 @@ def test_raycxr_eval_gives_umif_retrieval_and_the_linear_probe(umif_run, tmp_pat
     assert "note" in res["retrieval"]["siim"]  # no reports at siim: said, not scored
     assert res["linear_probe"]["nih"]["mean"]["auc"] is not None
     assert res["sites"]["nih"]["metrics"]["mean"]  # the prompt-head classifier scored too
+
+
+def test_frozen_backbone_segmentation_of_a_umif_run_at_a_fraction_of_the_data(umif_run, tmp_path):
+    from raycxr.eval.segmentation import run_segmentation
+    from raycxr.models.segmentation import SegmentationModel
+
+    run, _, sites = umif_run
+    common = [f"run={run}", *sites, "tasks.lungs=[siim]", "tasks.pneumothorax=null", "inits=[pretrained]",
+              "image_size=64", "epochs=1", "max_steps_per_epoch=2", "batch_size=4", "n_test_limit=4", "n_figure=1",
+              "threads=2", "freeze_encoder=true"]
+    full = run_segmentation(compose("segment", [*common, f"out={tmp_path / 'full'}"]))["rows"][0]
+    tenth = run_segmentation(compose("segment", [*common, "train_fraction=0.1",
+                                                 f"out={tmp_path / 'tenth'}"]))["rows"][0]
+    assert tenth["n_train"] == max(1, round(0.1 * full["n_train"])) < full["n_train"]
+    assert full["encoder_tensors_loaded"] == 150 and 0.0 <= full["dice_mean"] <= 1.0  # every ViT tensor from the run
+    # the frozen ViT stays the run's; only the pyramid and the decoder train
+    m = SegmentationModel.from_run(run, 1, freeze_encoder=True)
+    assert not any(p.requires_grad for p in m.encoder.parameters())
+    assert all(p.requires_grad for p in m.pyramid.parameters()) and m(torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
