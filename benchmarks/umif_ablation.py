@@ -8,7 +8,9 @@ Rows (each `raycxr pretrain method=umif` with the overrides shown, then `raycxr 
 
 Each row reports the alignment loss on the fixed probe before and after training, the linear-probe mean
 AUC on a site's test split (frozen CLS embeddings, train → test), image-report recall@1/5/10 on Open-I's
-test reports, and the training throughput (images/s, validation excluded). UniChest and Ark are trained
+test reports, and the training throughput (images/s, validation excluded). The default row's ViT is
+then segmented (lungs, every site) with the backbone frozen at 1 / 10 / 100 % of the training images
+and fine-tuned at 100 %, each beside the same ViT from random initialisation. UniChest and Ark are trained
 on the same sites with the same image size, batch and steps, for their throughput only.
 
 The corpus is synthesised here (`raycxr synth`'s generator: nih, vindr, openi, siim), tiny, so the
@@ -36,6 +38,7 @@ import yaml  # noqa: E402
 from raycxr.config import compose  # noqa: E402
 from raycxr.eval.evaluate import linear_probe  # noqa: E402
 from raycxr.eval.retrieval import image_report_retrieval  # noqa: E402
+from raycxr.eval.segmentation import run_segmentation  # noqa: E402
 from raycxr.methods import load_pretrained  # noqa: E402
 from raycxr.sites.config import discover_sites  # noqa: E402
 from raycxr.synth.generator import synthesize  # noqa: E402
@@ -99,6 +102,22 @@ def main() -> None:
                       "images_per_s": float(np.mean([r["images_per_s"] for r in h])),
                       "pairs": {k: sum(r.get(k, 0) for r in h) for k in h[0] if k.startswith("pairs_")}}
         print(name, json.dumps(rows[name]))
+    # segmentation of the default row: frozen ViT (pyramid + decoder trained) at 1 / 10 / 100 % of the train
+    # images, beside the existing fine-tuned segmentation at 100 % (UmiF Table 3 protocol, lungs on every site)
+    default_run = work / "runs" / "p0.2"
+    seg = {}
+    for label, ov in (("frozen 1%", ["freeze_encoder=true", "train_fraction=0.01"]),
+                      ("frozen 10%", ["freeze_encoder=true", "train_fraction=0.1"]),
+                      ("frozen 100%", ["freeze_encoder=true", "train_fraction=1.0"]),
+                      ("fine-tuned 100%", ["freeze_encoder=false", "train_fraction=1.0"])):
+        r = run_segmentation(compose("segment", [f"run={default_run}", *site_ov, f"tasks.lungs=[{','.join(SITES)}]",
+                                                 "tasks.pneumothorax=null", "inits=[pretrained,random]",
+                                                 f"image_size={args.image_size}", "epochs=2",
+                                                 f"max_steps_per_epoch={args.steps * 2}", "batch_size=8",
+                                                 "threads=1", "n_figure=1", f"out={work / 'seg' / label}", *ov]))
+        seg[label] = {row["init"]: {"dice_mean": row["dice_mean"], "n_train": row["n_train"], "n_test": row["n_test"]}
+                      for row in r["rows"]}
+        print(label, json.dumps(seg[label]))
     throughput = {"umif (vit_tiny)": rows["p=0.2 (default)"]["images_per_s"]}
     for method, ov in (("unichest", ["unichest.conquer_epochs=2", "unichest.divide_epochs=0", "unichest.n_experts=2",
                                      "unichest.query={n_layers: 1, n_heads: 2, ffn: 128, dropout: 0.0, "
@@ -109,7 +128,8 @@ def main() -> None:
         throughput[f"{method} (resnet18)"] = float(np.mean([r["images_per_s"] for r in res["history"]]))
     result = {"note": "measured on a shared, loaded 2-core CPU (one thread) on a tiny synthetic corpus: smoke-level "
                       "figures; throughput is relative between the methods of this one run",
-              "settings": vars(args) | {"sites": SITES}, "rows": rows, "throughput_images_per_s": throughput,
+              "settings": vars(args) | {"sites": SITES}, "rows": rows, "segmentation_lungs_dice": seg,
+              "throughput_images_per_s": throughput,
               "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,6 +161,11 @@ def markdown(r: dict) -> str:
               "Pretraining throughput, same sites / size / batch / steps (images/s, validation excluded):", "",
               "| method | images/s |", "|---|---|"]
     lines += [f"| {m} | {v:.1f} |" for m, v in r["throughput_images_per_s"].items()]
+    lines += ["", "Lung segmentation (all sites), default row's ViT vs the same ViT from random init, test Dice:", "",
+              "| setting | n train | UmiF ViT | random init |", "|---|---|---|---|"]
+    for label, by in r["segmentation_lungs_dice"].items():
+        lines.append(f"| {label} | {by['pretrained']['n_train']} | {_f(by['pretrained']['dice_mean'])} | "
+                     f"{_f(by.get('random', {}).get('dice_mean'))} |")
     return "\n".join(lines) + "\n"
 
 
