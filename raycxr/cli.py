@@ -124,6 +124,9 @@ def cmd_sites(args: Sequence[str]) -> int:
         if s.has_manifest():
             m = s.load_manifest()
             console.print(f"labels ({len(m.label_names)}): {', '.join(m.label_names)}")
+            from .dataset import site_pair_types
+
+            console.print(f"pair types (UmiF, from the manifest): {', '.join(site_pair_types(m))}")
             print_corpus_table({s.name: _site_stats(s)}, title=f"site {s.name}")
         return 0
     if action == "validate":

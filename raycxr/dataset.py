@@ -7,6 +7,7 @@ is dropped from its batch by :func:`collate_skip_none`; it never stops a run.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from .cache import DecodeCache, cache_options, open_cache
-from .labels import UnionLabelSpace, apply_uncertain_policy
+from .labels import UnionLabelSpace, apply_uncertain_policy, canonical_name
 from .manifest import Manifest
 from .quarantine import Quarantine
 from .readers import ImageReadError, read_image, resize
@@ -38,6 +39,8 @@ class SiteDataset(Dataset):
       then the site-space labels are left out, so batches that mix sites collate
     - ``site_index``, ``image_id``, ``report`` (empty string when absent)
     - ``image2``: a second view of the same image when ``second_view`` is given
+    - ``annotation`` / ``has_annotation``: with ``annotation_size``, the row's boxes and lesion mask
+      rendered here, inside the site (:func:`render_annotation`), so raw annotations never leave it
 
     With a ``cache`` (:class:`raycxr.cache.DecodeCache`) the image is read from it, already at the
     training resolution; the transforms (augmentation) run on the cached array.
@@ -47,8 +50,9 @@ class SiteDataset(Dataset):
                  split: str | None = None, label_space: UnionLabelSpace | None = None,
                  uncertain_policy: str = "ignore", site_index: int = 0, quarantine: Quarantine | None = None,
                  seed: int = 0, second_view: Callable | None = None, use_labels: bool = True,
-                 cache: DecodeCache | None = None) -> None:
+                 cache: DecodeCache | None = None, annotation_size: int | None = None) -> None:
         self.cache = cache
+        self.annotation_size = annotation_size
         self.manifest = manifest.split(split) if split else manifest
         self.root = Path(root)
         self.transform = transform
@@ -95,6 +99,12 @@ class SiteDataset(Dataset):
         }
         if view2 is not None:
             out["image2"] = torch.as_tensor(np.asarray(view2["image"]), dtype=torch.float32)
+        if self.annotation_size:
+            mask = self.root / row["mask_path"] if isinstance(row.get("mask_path"), str) else None
+            positives = [n for n, v in zip(self.manifest.label_names, self.labels[i]) if v > 0.5]
+            out["annotation"] = torch.from_numpy(render_annotation(
+                row.get("boxes"), mask, self.annotation_size, mask_label=positives[0] if len(positives) == 1 else None))
+            out["has_annotation"] = torch.tensor(has_annotation(row))
         if self.label_space is not None:
             out["targets"] = torch.from_numpy(self.targets[i])
             out["target_mask"] = torch.from_numpy(self.target_mask[i])
@@ -124,7 +134,9 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
         label_space: union targets in this space (e.g. :meth:`UnionLabelSpace.onto` a model's classes).
         second_view: also return ``image2``: a clean view for a supervised site (Ark's teacher input), a
             second augmented view for a site with a self-supervised objective; ``"augmented"``: a second
-            augmented view whatever the site's objective (label-free pretraining of every site).
+            augmented view whatever the site's objective (label-free pretraining of every site);
+            ``"annotation"``: no second view, but the row's boxes / lesion mask rendered as an image
+            (``annotation``, UmiF's segmentation-mask modality), built here inside the site.
         site_index: the site's number in the run (UniChest's source id).
         seed: seeds the uncertain-label policy (``lsr_ones``).
         manifest: an already loaded manifest (else read from the site).
@@ -145,7 +157,7 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
                            int(transforms.get("size", 224)), dir=opts["dir"], dtype=opts["dtype"])
     tf.set_random_state(seed=int(seed) * 1009 + int(site_index))  # seeded augmentation: a run repeats exactly
     view2 = None
-    if second_view:
+    if second_view and second_view != "annotation":
         clean = second_view != "augmented" and site.objective == "supervised"
         view2 = eval_transforms(int(transforms.get("size", 224))) if clean else tf
     return SiteDataset(manifest, site.root, transform=tf,
@@ -155,7 +167,88 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
                                                                                       site=site.name),
                        seed=seed, second_view=view2,
                        use_labels=use_labels if use_labels is not None else site.objective == "supervised" or not train,
-                       cache=cache)
+                       cache=cache,
+                       annotation_size=int(transforms.get("size", 224)) if second_view == "annotation" else None)
+
+
+# -- UmiF's supervision from a site's own annotations ---------------------------------------------------
+PAIR_TYPES = ("image-report", "image-class", "image-segment", "image-only")
+
+
+def abnormality_intensity(label: str | None) -> float:
+    """The grey level of one abnormality in a rendered annotation, the same at every site (from the
+    canonical class name); in [0.25, 1], so never the black background. ``None``: a lesion of unknown
+    class (a lesion mask on a row without exactly one positive label) gets the top level."""
+    if label is None:
+        return 1.0
+    return 0.25 + 0.75 * (zlib.crc32(canonical_name(label).lower().encode()) % 64) / 63
+
+
+def render_annotation(boxes: Sequence[Mapping[str, Any]] | None, mask_path: Path | None, size: int, *,
+                      mask_label: str | None = None) -> np.ndarray:
+    """A row's localisation as UmiF's segmentation-mask image ``(1, size, size)`` float32: black
+    background, each abnormality filled with its own intensity (:func:`abnormality_intensity`).
+
+    Boxes are ``{label, x0, y0, x1, y1}`` normalised to [0, 1]; a lesion mask (PNG, > 0 = lesion) is
+    drawn with ``mask_label``'s intensity. Where regions overlap the higher intensity is kept.
+    Deliberate difference: the paper draws an RGB image with one colour per abnormality; one channel
+    with one grey level per abnormality lets the mask tokenizer share the radiology tokenizer's
+    initialisation exactly (both see one-channel images)."""
+    out = np.zeros((size, size), np.float32)
+    if mask_path is not None:
+        out = np.maximum(out, read_mask(mask_path, size) * abnormality_intensity(mask_label))
+    for b in boxes if boxes is not None else []:
+        x0, x1 = sorted((float(b["x0"]), float(b["x1"])))
+        y0, y1 = sorted((float(b["y0"]), float(b["y1"])))
+        c0, c1 = int(np.floor(np.clip(x0, 0, 1) * size)), int(np.ceil(np.clip(x1, 0, 1) * size))
+        r0, r1 = int(np.floor(np.clip(y0, 0, 1) * size)), int(np.ceil(np.clip(y1, 0, 1) * size))
+        region = out[r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)]
+        np.maximum(region, abnormality_intensity(str(b["label"])), out=region)
+    return out[None]
+
+
+def has_annotation(row: Mapping[str, Any]) -> bool:
+    """Whether a manifest row carries localisation (boxes, possibly none found, or a lesion mask)."""
+    boxes = row.get("boxes")
+    return isinstance(row.get("mask_path"), str) or isinstance(boxes, (list, tuple, np.ndarray))
+
+
+def site_pair_types(manifest: Manifest) -> list[str]:
+    """The UmiF pair types a site's manifest supports: a report → image-report, labels → image-class,
+    boxes or lesion masks → image-segment; none of them → image-only."""
+    df = manifest.to_pandas()
+    out = []
+    if df["report"].map(lambda r: isinstance(r, str) and bool(r.strip())).any():
+        out.append("image-report")
+    if manifest.label_names and (~np.isnan(manifest.label_matrix())).any():
+        out.append("image-class")
+    if df["mask_path"].notna().any() or df["boxes"].map(lambda b: isinstance(b, (list, tuple, np.ndarray))).any():
+        out.append("image-segment")
+    return out or ["image-only"]
+
+
+def pair_type_probabilities(counts: Mapping[str, int]) -> dict[str, float]:
+    """Algorithm 1's first draw: a pair type with probability proportional to its data size."""
+    total = sum(int(n) for n in counts.values())
+    if total <= 0:
+        raise ValueError(f"no pairs to sample from: {dict(counts)}")
+    return {t: int(n) / total for t, n in counts.items()}
+
+
+def sample_pairs(supported: Sequence[Sequence[str]], n: int, rng: np.random.Generator) -> list[tuple[int, str]]:
+    """``n`` (sample, pair type) pairs from the samples at hand, as UmiF's Algorithm 1 draws them.
+
+    A sample with k supervision types offers k pairs (``supported[j]``). Algorithm 1 draws a type with
+    probability ∝ its data size (:func:`pair_type_probabilities`), then a pair of that type uniformly,
+    i.e. every pair with the same probability; here the pairs are drawn uniformly, without replacement,
+    from the pool the batch's samples offer, which is that distribution on the shuffled stream of
+    samples a site plane delivers (a type's share of a batch is its share of the pairs in expectation).
+    Fewer than ``n`` pairs in the pool: all of them."""
+    pool = [(j, t) for j, types in enumerate(supported) for t in types]
+    if not pool:
+        return []
+    pick = rng.choice(len(pool), size=min(int(n), len(pool)), replace=False)
+    return [pool[int(k)] for k in sorted(pick)]
 
 
 SEGMENTATION_TASKS = {"lungs": "lung_mask_path", "pneumothorax": "mask_path"}  # task -> manifest column

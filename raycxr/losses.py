@@ -34,6 +34,7 @@ __all__ = [
     "DiceBCELoss",
     "ark_consistency_loss",
     "asymmetric_loss",
+    "byol_consistency_loss",
     "combine_experts",
     "cosine_schedule",
     "ema_update",
@@ -43,6 +44,7 @@ __all__ = [
     "nt_xent_loss",
     "slip_loss",
     "source_contrastive_loss",
+    "umif_alignment_loss",
     "vicreg_loss",
     "vicreg_terms",
 ]
@@ -441,3 +443,36 @@ class DiceBCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.lambda_dice * self.dice(logits, target) + self.lambda_bce * self.bce(logits, target)
+
+
+# -- UmiF -------------------------------------------------------------------------------------------
+def umif_alignment_loss(f1: torch.Tensor, f0: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """UmiF's alignment loss (Eq. 1): SimCLR's loss between the two token groups' CLS encodings.
+
+    The 2B points are ``[f1; f0]``; each point's positive is the other group of the same pair and the
+    candidates are the 2B-1 other points (cosine similarity over τ)::
+
+        L_align = 1/B Σ_pairs ℓ(f1_i, f0_i) + ℓ(f0_i, f1_i)  =  2 · nt_xent_loss(f1, f0, τ)
+
+    (NT-Xent averages over the 2B points, Eq. 1 sums both directions and divides by B.)
+    """
+    return 2.0 * nt_xent_loss(f1, f0, temperature)
+
+
+def byol_consistency_loss(teacher: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor) -> torch.Tensor:
+    """UmiF's consistency loss (Eq. 2, BYOL's): the student's group encodings ``f0``, ``f1`` predict the
+    EMA teacher's CLS ``t`` on the complete token sequence::
+
+        L_con = 1/B Σ_i (2 - 2 cos(t_i, f0_i)) + (2 - 2 cos(t_i, f1_i))
+
+    The teacher is a target: no gradient flows into it. An empty batch gives 0.
+    """
+    if teacher.ndim != 2 or teacher.shape != f0.shape or f0.shape != f1.shape:
+        raise ValueError(f"teacher, f0 and f1 must all be (B, D); got {tuple(teacher.shape)}, {tuple(f0.shape)}, "
+                         f"{tuple(f1.shape)}")
+    if teacher.shape[0] == 0:
+        return _zero(f0, f1)
+    t = F.normalize(teacher.detach(), dim=1)
+    cos0 = (t * F.normalize(f0, dim=1)).sum(1)
+    cos1 = (t * F.normalize(f1, dim=1)).sum(1)
+    return ((2 - 2 * cos0) + (2 - 2 * cos1)).mean()

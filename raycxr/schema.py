@@ -157,6 +157,23 @@ class SelfSupSection:
 
 
 @dataclass
+class UmiFSection:
+    vit: str = MISSING
+    drop_path_rate: Optional[float] = MISSING
+    epochs: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    p: float = MISSING
+    tau: float = MISSING
+    teacher: bool = MISSING
+    con_weight: float = MISSING
+    momentum: float = MISSING
+    segment_pairs: bool = MISSING
+    prompt: str = MISSING
+    negative_prompt: str = MISSING
+
+
+@dataclass
 class RaySection:
     address: Optional[str] = MISSING
     num_cpus: Optional[int] = MISSING
@@ -231,6 +248,7 @@ class PretrainConfig:
     ark: ArkSection = MISSING
     baseline: BaselineSection = MISSING
     selfsup: SelfSupSection = MISSING
+    umif: UmiFSection = MISSING
     ray: RaySection = MISSING
 
 
@@ -292,6 +310,13 @@ class AttentionSection:
 
 
 @dataclass
+class RetrievalSection:
+    enabled: bool = MISSING
+    sites: Any = MISSING  # null, "all" or a list of names
+    ks: list[int] = MISSING
+
+
+@dataclass
 class EvalConfig:
     sites: SitesSection = MISSING
     run: str = MISSING
@@ -308,6 +333,7 @@ class EvalConfig:
     linear_probe: LinearProbeSection = MISSING
     fine_tune: FineTuneSection = MISSING
     attention: AttentionSection = MISSING
+    retrieval: RetrievalSection = MISSING
 
 
 @dataclass
@@ -364,6 +390,7 @@ class SegmentConfig:
     augment: bool = MISSING
     threshold: float = MISSING
     n_train_limit: Optional[int] = MISSING
+    train_fraction: float = MISSING
     n_test_limit: Optional[int] = MISSING
     n_figure: int = MISSING
     seed: int = MISSING
@@ -488,6 +515,8 @@ RULES: dict[str, dict[str, Any]] = {
         "ark.optimizer": ("sgd", "adamw"),
         "baseline.epochs": 0, "baseline.lr": 0.0, "selfsup.epochs": 0, "selfsup.proj_dim": _POSITIVE,
         "selfsup.objective": ("simclr", "mocov2", "vicreg", "clip", "slip"),
+        "umif.epochs": 0, "umif.lr": 0.0, "umif.p": 0.0, "umif.tau": 1e-6, "umif.con_weight": 0.0,
+        "umif.momentum": 0.0, "umif.weight_decay": 0.0,
         "ray.num_workers": _POSITIVE, "ray.max_failures": 0, "ray.num_to_keep": _POSITIVE, "ray.prefetch": _POSITIVE,
         "ray.grad_sync": ("bucketed", "per_tensor"),
         "transforms.cache.dtype": ("uint8", "uint16", "float32"), "ray.bucket_mb": 0.001,
@@ -496,7 +525,8 @@ RULES: dict[str, dict[str, Any]] = {
              "fine_tune.epochs": 0, "fine_tune.min_images": _POSITIVE, "attention.n": 0},
     "export": {"opset": 11, "batch_size": _POSITIVE, "exporter": ("legacy", "dynamo"),
                "int8_mode": ("dynamic", "static"), "parity.batch": _POSITIVE, "calibration_images": _POSITIVE},
-    "segment": {"image_size": _POSITIVE, "epochs": 0, "batch_size": _POSITIVE, "max_steps_per_epoch": _POSITIVE},
+    "segment": {"image_size": _POSITIVE, "epochs": 0, "train_fraction": 1e-6, "batch_size": _POSITIVE,
+                "max_steps_per_epoch": _POSITIVE},
     "synth": {"n_per_site": _POSITIVE, "render_size": 32, "workers": _POSITIVE},
     "sites": {"workers": _POSITIVE},
 }

@@ -98,6 +98,7 @@ RESUME = {  # method -> (overrides for a one-unit run, overrides for the same ru
     "single": (["baseline.epochs=1", "site_names=[siim]"], ["baseline.epochs=2", "site_names=[siim]"]),
     "tiny": (["+tiny.lr=0.01", "+tiny.units=1"], ["+tiny.lr=0.01", "+tiny.units=2"]),
     "selfsup": (["selfsup.epochs=1", "selfsup.objective=mocov2"], ["selfsup.epochs=2", "selfsup.objective=mocov2"]),
+    "umif": (["umif.epochs=1"], ["umif.epochs=2"]),
 }
 
 

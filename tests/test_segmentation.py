@@ -89,8 +89,8 @@ def test_bad_checkpoints_fail_clearly(tmp_path, run_dir):
     model = SegmentationModel("resnet18", 1)
     with pytest.raises(ValueError, match="only 0 of 120"):
         model.load_encoder_state({"backbone.other.weight": torch.zeros(3)}, source="other")
-    with pytest.raises(ValueError, match="strides"):
-        SegmentationModel("vit_tiny_patch16_224", 1, img_size=SIZE)
+    with pytest.raises(ValueError, match="strides"):  # one scale, and not a vit_* that gets the feature pyramid
+        SegmentationModel("deit_tiny_patch16_224", 1, img_size=SIZE)
     cfg = compose("segment", [f"run={tmp_path / 'missing-run'}", f"out={tmp_path / 'out'}"])
     with pytest.raises(FileNotFoundError, match="missing-run"):
         run_segmentation(cfg)

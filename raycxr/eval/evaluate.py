@@ -10,7 +10,9 @@ For a run folder it scores, on each site's test split:
   queries, including classes no training site had;
 - a linear probe on frozen embeddings, and fine-tuning with 1 %, 10 % and 100 % of a target
   site's training images (plus linear-probe-then-fine-tune);
-- attention heat-maps (a method that has them, e.g. UniChest's query networks) for positive test images.
+- attention heat-maps (a method that has them, e.g. UniChest's query networks) for positive test images;
+- image-report retrieval, recall@1/5/10 both ways on the test reports (a method with a text side, e.g.
+  UmiF: :mod:`raycxr.eval.retrieval`).
 
 Sites the run did not train on are reported as out-of-distribution (``ood: true``).
 """
@@ -265,6 +267,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         steps += [(n, f"fine_tune {fr:g}") for n in ft_sites for fr in cfg.fine_tune.fractions]
         if cfg.fine_tune.lp_ft:
             steps += [(n, "lp_ft") for n in ft_sites]
+    retrieval = cfg.get("retrieval") or {}
+    if retrieval.get("enabled", True) and "encode_text" in pre.extra:
+        steps += [(n, "retrieval") for n in _pick(retrieval.get("sites", "all"), sites, pre)]
     heads: dict[str, dict] = {}
     preds: dict[str, SitePredictions] = {}
     bar = tqdm(steps, desc="raycxr eval", unit="step", dynamic_ncols=True)
@@ -282,6 +287,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         elif what.startswith("fine_tune"):
             fr = float(what.split()[1])
             results.setdefault("fine_tune", {}).setdefault(name, {})[f"{fr * 100:g}%"] = fine_tune(pre, site, fr, cfg)
+        elif what == "retrieval":
+            from .retrieval import image_report_retrieval
+
+            results.setdefault("retrieval", {})[name] = image_report_retrieval(pre, site, cfg)
         elif what == "lp_ft":
             if name not in heads:
                 _, heads[name] = linear_probe(pre, site, cfg)
@@ -334,6 +343,15 @@ def print_summary(results: dict[str, Any]) -> None:
         table.add_row(name, "yes" if r.get("ood") else "", f(mean.get("auc")), f(mean.get("f1")), f(zs), f(lp),
                       fts or "-")
     Console().print(table)
+    if results.get("retrieval"):
+        from .retrieval import retrieval_rows
+
+        rt = Table(title="image-report retrieval (recall@k)")
+        for col in ("site", "pairs", "i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10"):
+            rt.add_column(col)
+        for row in retrieval_rows(results):
+            rt.add_row(*row)
+        Console().print(rt)
     for line in summary_lines(results):
         print(line)
 

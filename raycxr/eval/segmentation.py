@@ -212,6 +212,11 @@ def _task_datasets(cfg: DictConfig, task: str, sites: Sequence[SiteConfig]) -> t
     test = [SegmentationDataset.from_site(s, task, split="test", limit=cfg.get("n_test_limit"), **common)
             for s in sites]
     train_ds = SegmentationDataset.concat(train, seed=int(cfg.seed))
+    fraction = float(cfg.get("train_fraction") or 1.0)
+    if fraction < 1.0:  # UmiF Table 3 protocol: 1 % / 10 % / 100 % of the training images (seeded subset)
+        keep = np.random.default_rng(int(cfg.seed)).permutation(len(train_ds))[:max(1, round(fraction * len(train_ds)))]
+        train_ds = SegmentationDataset([train_ds.records[i] for i in sorted(keep)], size=train_ds.size,
+                                       train=train_ds.train, seed=int(cfg.seed), quarantines=train_ds.quarantines)
     test_ds = SegmentationDataset.concat(test, seed=int(cfg.seed))
     names = [s.name for s in sites]
     if not len(train_ds) or not len(test_ds):
@@ -268,7 +273,7 @@ def run_segmentation(cfg: DictConfig) -> dict[str, Any]:
     settings = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                 for k in ("image_size", "epochs", "max_steps_per_epoch", "batch_size", "lr", "encoder_lr",
                           "weight_decay", "freeze_encoder", "decoder_channels", "augment", "threshold", "frontal_only",
-                          "n_train_limit", "n_test_limit", "seed")}
+                          "n_train_limit", "n_test_limit", "seed")} | {"train_fraction": cfg.get("train_fraction")}
     results: dict[str, Any] = {"run": str(cfg.run), "checkpoint": str(checkpoint), "encoder": encoder_name,
                                "device": str(device), "settings": settings, "tasks": tasks, "rows": []}
     # every task's data first: a site without masks fails before any training

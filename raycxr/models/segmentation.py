@@ -31,13 +31,37 @@ def _key_candidates(key: str) -> list[str]:
     return out
 
 
+def is_plain_vit(name: str) -> bool:
+    """A timm ViT with one feature scale (``vit_*``; not Swin or other hierarchical transformers)."""
+    return name.startswith("vit_")
+
+
+class ViTPyramid(nn.Module):
+    """ViTDet's simple feature pyramid: the ViT's stride-``p`` token map → maps at strides p/4 … 2p
+    (for patch 16: 4, 8, 16, 32), each scale half the previous one, as the UNet decoder needs."""
+
+    def __init__(self, dim: int, patch: int) -> None:
+        super().__init__()
+        self.strides = [patch // 4, patch // 2, patch, patch * 2]
+        self.channels = [dim // 4, dim // 2, dim, dim]
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), nn.GELU(),
+                                 nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2))
+        self.up2 = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
+        self.same = nn.Conv2d(dim, dim, 1)
+        self.down2 = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.up4(x), self.up2(x), self.same(x), self.down2(self.same(x))]
+
+
 class SegmentationModel(nn.Module):
     """A raycxr encoder backbone as a multi-scale feature extractor under a MONAI UNet decoder.
 
     Args:
         name: timm backbone name (the pretraining run's ``encoder.name``). It must be hierarchical (each
             feature map half the size of the previous one: ResNet, DenseNet, ConvNeXt, EfficientNet, Swin);
-            a plain ViT has one scale and is refused.
+            a plain ViT (``vit_*``, e.g. a UmiF run's) gets a simple feature pyramid on its last tokens
+            (:class:`ViTPyramid`, trained with the decoder).
         n_classes: output channels; each is an independent binary mask (sigmoid).
         decoder_channels: decoder width per upsampling step, deepest first; the first ``len(features)``
             are used, as MONAI's ``FlexibleUNet`` does.
@@ -53,13 +77,24 @@ class SegmentationModel(nn.Module):
                  img_size: int | None = None) -> None:
         super().__init__()
         kw = {"img_size": img_size} if img_size is not None and ("vit" in name or "swin" in name) else {}
+        self.pyramid: ViTPyramid | None = None
         try:
             # pretrained=False: no hub downloads; the weights come from the run
-            self.encoder = timm.create_model(name, pretrained=False, features_only=True, in_chans=1, **kw)
+            if is_plain_vit(name):
+                # a plain ViT has one scale: a simple feature pyramid (ViTDet) on its last tokens gives the UNet
+                # decoder its scales; the pyramid is decoder-side (it trains when the encoder is frozen)
+                self.encoder = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=1,
+                                                 **kw)
+                self.pyramid = ViTPyramid(int(self.encoder.embed_dim), int(self.encoder.patch_embed.patch_size[0]))
+            else:
+                self.encoder = timm.create_model(name, pretrained=False, features_only=True, in_chans=1, **kw)
         except RuntimeError as e:
             raise ValueError(f"backbone '{name}' has no timm features_only form: {e}") from None
-        strides = list(self.encoder.feature_info.reduction())
-        channels = list(self.encoder.feature_info.channels())
+        if self.pyramid is not None:
+            strides, channels = self.pyramid.strides, self.pyramid.channels
+        else:
+            strides = list(self.encoder.feature_info.reduction())
+            channels = list(self.encoder.feature_info.channels())
         if len(strides) < 2 or any(b != 2 * a for a, b in zip(strides, strides[1:])):
             raise ValueError(f"backbone '{name}' gives feature maps at strides {strides}; a UNet decoder needs "
                              "each scale half the previous one (a CNN or Swin, not a plain ViT)")
@@ -136,6 +171,10 @@ class SegmentationModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's feature maps ``(B, C_i, H / s_i, W / s_i)``, shallowest first."""
+        if self.pyramid is not None:
+            tokens = self.encoder.forward_features((x - self.mean) / self.std)[:, self.encoder.num_prefix_tokens:]
+            h, w = self.encoder.patch_embed.grid_size
+            return self.pyramid(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w))
         feats = self.encoder((x - self.mean) / self.std)
         return [f.permute(0, 3, 1, 2).contiguous() for f in feats] if self.nhwc else list(feats)
 
