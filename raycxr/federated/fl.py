@@ -165,7 +165,7 @@ class RaycxrClientAlgo(ClientAlgo):
         current = method.current_classifier()
         batches = data_plane.val_batches()
         if current is None or batches is None:
-            return ExchangeObject(metrics={"val_auc": 0.0})
+            return ExchangeObject(metrics={"val_auc": 0.0, "val_images": 0})
         res = validate(current[0], current[1], batches, data_plane.union.names)
         return ExchangeObject(metrics={"val_auc": float(res["val_auc"] or 0.0), "val_images": res["val_images"]})
 
@@ -264,7 +264,9 @@ def flower_client_app(overrides: Sequence[str]) -> Any:
             context.state["raycxr_local"] = ArrayRecord(a.local)
         context.state["raycxr_round"] = ConfigRecord({"round": a.round})
         eo = a.get_weights()
-        metrics = {**eo.metrics, "num-examples": eo.statistics[FlStatistics.NUM_EXECUTED_ITERATIONS]}
+        # the same keys from every node (Flower refuses to aggregate otherwise): no val AUC, which may be None
+        metrics = {"loss": float(eo.metrics["loss"]), "images": int(eo.metrics["images"]),
+                   "num-examples": int(eo.statistics[FlStatistics.NUM_EXECUTED_ITERATIONS])}
         return Message(RecordDict({"arrays": ArrayRecord(eo.weights), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
 
