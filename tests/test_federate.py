@@ -198,6 +198,12 @@ def test_fedper_keeps_its_groups_local_and_a_late_round_is_left_out(corpus, tmp_
     assert all(torch.equal(before[kk], after[kk]) for kk in before)
     with pytest.raises(ValueError, match="strategy 'fedper', not 'fedavg'"):
         run_federate(fed_cfg(corpus, sites, out, "method=mixed", "rounds=3"))
+    # the global model exports like any run (ONNX with the parity check)
+    from raycxr.export import export_onnx
+
+    export_onnx(compose("export", [f"run={out}", f"out={tmp_path / 'onnx'}", f"sites.sites_dir={sites}",
+                                   f"sites.data_root={corpus}", "limit=4"]))
+    assert (tmp_path / "onnx" / "classifier.onnx").is_file()
 
 
 def test_resume_after_kill_9_of_the_driver_loses_and_repeats_no_round(corpus, tmp_path):
