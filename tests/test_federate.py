@@ -269,6 +269,15 @@ def test_ray_runner_trains_each_site_in_its_placed_actor_and_only_model_state_le
 
         shapes = [tuple(t.shape) for t in tensors(update)]
         assert shapes and not [s for s in shapes if len(s) >= 3 and s[-2:] == (32, 32)]
+        # a round whose sites miss the deadline: their actors are killed, the round is left unaggregated,
+        # and the next round starts fresh actors that train from the state the server kept
+        late = run_federate(fed_cfg(corpus, sites, tmp_path / "run", "method=ark", "rounds=2", "runner=ray",
+                                    "federate.deadline_s=0.05"))["history"][-1]
+        assert late["participants"] == [] and not late["aggregated"]
+        assert all("deadline" in v for v in late["failed"].values())
+        again = run_federate(fed_cfg(corpus, sites, tmp_path / "run", "method=ark", "rounds=3",
+                                     "runner=ray"))["history"]
+        assert [h["round"] for h in again] == [0, 1, 2] and again[-1]["participants"] == ["nih", "vindr"]
     finally:
         ray.shutdown()
     assert load_pretrained(tmp_path / "run").classifier(torch.rand(1, 1, 32, 32)).shape[0] == 1
