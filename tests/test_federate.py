@@ -126,6 +126,18 @@ def test_the_audit_refuses_images_paths_and_identifiers():
     assert "identifier" in audit_update({"meta": {"note": "patient P0042"}}, image_size=32, forbidden=["P0042"])[0]
 
 
+def test_client_sampling_is_seeded_by_the_round_and_respects_min_clients():
+    from raycxr.federated.server import sample_sites
+
+    sites = ["a", "b", "c", "d", "e"]
+    picks = [sample_sites(sites, 0.4, 1, 0, r) for r in range(6)]
+    assert all(len(p) == 2 and set(p) <= set(sites) for p in picks)
+    assert picks == [sample_sites(sites, 0.4, 1, 0, r) for r in range(6)]  # a resumed round samples alike
+    assert len({tuple(p) for p in picks}) > 1  # but rounds differ
+    assert len(sample_sites(sites, 0.1, 3, 0, 0)) == 3 and sample_sites(sites, 1.0, 1, 0, 0) == sites
+    assert sample_sites(["a"], 0.5, 4, 0, 0) == ["a"]  # never more than there are
+
+
 # -- a real federation ---------------------------------------------------------------------------------
 def test_ark_federation_dead_site_join_privacy_and_eval(corpus, tmp_path):
     """Round 0: nih and vindr train, a site whose data is gone is left out and logged. Between rounds siim
@@ -178,8 +190,13 @@ def test_ark_federation_dead_site_join_privacy_and_eval(corpus, tmp_path):
 def test_fedper_keeps_its_groups_local_and_a_late_round_is_left_out(corpus, tmp_path):
     sites = register(tmp_path / "sites", "nih", "vindr")
     out = tmp_path / "fedper"
-    run_federate(fed_cfg(corpus, sites, out, "method=mixed", "rounds=1", "federate.strategy=fedper",
-                         "federate.local=[model/encoder.backbone.layer4.*]"))
+    r0 = run_federate(fed_cfg(corpus, sites, out, "method=mixed", "rounds=1", "federate.strategy=fedper",
+                              "federate.local=[model/encoder.backbone.layer4.*]", "federate.clip_norm=0.5",
+                              "federate.noise_multiplier=0.01"))["history"][0]
+    # DP-style release: the settings logged, each site's update clipped to norm 0.5 (it was larger)
+    assert r0["clip_norm"] == 0.5 and r0["noise_multiplier"] == 0.01
+    assert all(m["update_norm"] > 0.5 and m["clip_scale"] == pytest.approx(0.5 / m["update_norm"], rel=1e-3)
+               for m in r0["site_metrics"].values())
     ck = Checkpoint.load(out)
     shared = set(ck.meta["federated"]["shared_keys"])
     layer4 = [k for k in flatten(ck.modules) if "layer4" in k and k.startswith("model/")]
@@ -191,7 +208,8 @@ def test_fedper_keeps_its_groups_local_and_a_late_round_is_left_out(corpus, tmp_
     # a round whose sites all miss the deadline: logged, not aggregated, the run goes on
     before = {kk: v.clone() for kk, v in ck.modules["model"].items()}
     res = run_federate(fed_cfg(corpus, sites, out, "method=mixed", "rounds=2", "federate.strategy=fedper",
-                               "federate.local=[model/encoder.backbone.layer4.*]", "federate.deadline_s=0.001"))
+                               "federate.local=[model/encoder.backbone.layer4.*]", "federate.deadline_s=0.001",
+                               "federate.clip_norm=0.5", "federate.noise_multiplier=0.01"))
     r1 = res["history"][-1]
     assert r1["participants"] == [] and not r1["aggregated"] and all("deadline" in v for v in r1["failed"].values())
     after = Checkpoint.load(out).modules["model"]
