@@ -187,6 +187,29 @@ def test_ark_federation_dead_site_join_privacy_and_eval(corpus, tmp_path):
     assert str(corpus) not in text and str(site.root) not in text
 
 
+UNICHEST = ["unichest.n_experts=2", "text.max_length=16",
+            "unichest.query={n_layers: 1, n_heads: 2, ffn: 32, dropout: 0.0, lambda_local: 1.0, lambda_global: 0.4}"]
+
+
+@pytest.mark.parametrize("method", ["unichest", "concurrent", "selfsup"])
+def test_every_method_federates_and_its_global_model_loads(corpus, tmp_path, method):
+    sites = register(tmp_path / "sites", "nih", "vindr")
+    res = run_federate(fed_cfg(corpus, sites, tmp_path / "run", f"method={method}", "rounds=1", *UNICHEST))
+    assert res["history"][0]["participants"] == ["nih", "vindr"] and res["history"][0]["failed"] == {}
+    shared = Checkpoint.load(tmp_path / "run").meta["federated"]["shared_keys"]
+    if method == "unichest":  # the experts stay at the sites, the shared query network does not
+        assert not [k for k in shared if k.startswith("model/query_networks.1.")]
+        assert [k for k in shared if k.startswith("model/query_networks.0.")]
+    if method == "concurrent":
+        assert not [k for k in shared if k.startswith("model/heads.")]
+    pre = load_pretrained(tmp_path / "run")
+    x = torch.rand(2, 1, 32, 32)
+    if pre.classifier is not None:
+        assert pre.classifier(x).shape == (2, len(pre.class_names))
+    else:  # label-free pretraining: an encoder only
+        assert pre.embedding_model(x).shape[0] == 2
+
+
 def test_fedper_keeps_its_groups_local_and_a_late_round_is_left_out(corpus, tmp_path):
     sites = register(tmp_path / "sites", "nih", "vindr")
     out = tmp_path / "fedper"
