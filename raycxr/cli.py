@@ -3,6 +3,7 @@
     raycxr demo [overrides]                       synthesise + register the demo sites, report on them
     raycxr synth out=DIR n_per_site=N seed=S      write the synthetic multi-site corpus (preset=study: the study's)
     raycxr pretrain method=unichest|ark|concurrent|mixed|single [overrides]
+    raycxr federate [rounds=N out=DIR] [overrides] rounds of local training at each site + server aggregation
     raycxr eval run=RUN [overrides]               AUC/F1/AP, zero-shot, linear probe, fine-tune, report
     raycxr segment run=RUN [overrides]            MONAI segmentation decoders: pretrained vs random encoder
     raycxr export run=RUN [int8=true]             ONNX classifier + encoder with metadata and parity check
@@ -214,6 +215,16 @@ def cmd_study(args: Sequence[str]) -> int:
     return 0
 
 
+def cmd_federate(args: Sequence[str]) -> int:
+    from .federated import run_federate
+
+    result = run_federate(compose("federate", _overrides_only("federate", args)))
+    last = result["history"][-1] if result["history"] else {}
+    print(f"done: {len(result['history'])} rounds, last participants {last.get('participants')}; "
+          f"global model {result['checkpoint']}")
+    return 0
+
+
 def cmd_tune(args: Sequence[str]) -> int:
     from .tune import run_tune
 
@@ -222,7 +233,8 @@ def cmd_tune(args: Sequence[str]) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "sites": cmd_sites, "pretrain": cmd_pretrain, "eval": cmd_eval,
-            "segment": cmd_segment, "export": cmd_export, "tune": cmd_tune, "study": cmd_study}
+            "segment": cmd_segment, "export": cmd_export, "tune": cmd_tune, "study": cmd_study,
+            "federate": cmd_federate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

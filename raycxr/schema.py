@@ -276,6 +276,27 @@ class TuneConfig(PretrainConfig):
 
 
 @dataclass
+class FederateSection:
+    strategy: str = MISSING
+    mu: float = MISSING
+    local: list[str] = MISSING
+    share_projector: bool = MISSING
+    local_epochs: int = MISSING
+    client_fraction: float = MISSING
+    min_clients: int = MISSING
+    deadline_s: Optional[float] = MISSING
+    clip_norm: Optional[float] = MISSING
+    noise_multiplier: float = MISSING
+    cpus_per_site: float = MISSING
+
+
+@dataclass
+class FederateConfig(PretrainConfig):
+    rounds: int = MISSING
+    federate: FederateSection = MISSING
+
+
+@dataclass
 class ZeroShotSection:
     enabled: bool = MISSING
     template: str = MISSING
@@ -492,7 +513,7 @@ class StudyConfig:
 
 SCHEMAS: dict[str, type] = {"sites": SitesConfig, "synth": SynthConfig, "pretrain": PretrainConfig, "tune": TuneConfig,
                             "eval": EvalConfig, "export": ExportConfig, "segment": SegmentConfig, "demo": DemoConfig,
-                            "study": StudyConfig}
+                            "study": StudyConfig, "federate": FederateConfig}
 
 # ----------------------------------------------------------------------------------------- value ranges
 # key -> (lowest allowed value, or a tuple of allowed values); checked after the types.
@@ -533,6 +554,10 @@ RULES: dict[str, dict[str, Any]] = {
 RULES["study"] = {"runner": ("auto", "local", "ray"), "budget.steps": _POSITIVE, "budget.batch_size": _POSITIVE,
                   "budget.steps_per_unit": _POSITIVE, "downstream.epochs": 0, "downstream.batch_size": _POSITIVE,
                   "analysis.min_positives": _POSITIVE, "analysis.bootstrap": 0, "cpus_per_cell": 0.01}
+RULES["federate"] = {**RULES["pretrain"], "rounds": 0, "federate.strategy": ("fedavg", "fedprox", "fedper"),
+                     "federate.mu": 0.0, "federate.local_epochs": _POSITIVE, "federate.client_fraction": 0.0,
+                     "federate.min_clients": _POSITIVE, "federate.deadline_s": 0.0, "federate.clip_norm": 0.0,
+                     "federate.noise_multiplier": 0.0, "federate.cpus_per_site": 0.0}
 RULES["tune"] = {**RULES["pretrain"], "tune.trial_runner": ("local", "ray"), "tune.reduction_factor": 1.0001}
 
 
