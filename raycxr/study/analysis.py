@@ -215,9 +215,13 @@ def claims(cfg: DictConfig, preds: dict, sets: dict, target: str, ood: list[str]
 
     def add(claim: str, paper: str, source: str, keys: list[Key], make, why: str = "") -> None:
         if not have(*keys):
-            missing = sorted({k[1] for k in keys if k not in preds})
+            rows = {k[1] for k in preds}
+            missing = sorted({k[1] for k in keys if k[1] not in rows})
+            cells = sorted({_label(*k) for k in keys if k not in preds and k[1] in rows})
+            note = "; ".join([*([f"rows not in this study: {missing}"] if missing else []),
+                              *([f"cells not in this study: {cells}"] if cells else [])])
             out.append({"claim": claim, "paper": paper, "source": source, "raycxr": "not run",
-                        "verdict": "not run", "note": f"rows not in this study: {missing}"})
+                        "verdict": "not run", "note": note})
             return
         figure, verdict, note = make()
         out.append({"claim": claim, "paper": paper, "source": source, "raycxr": figure, "verdict": verdict,
