@@ -16,8 +16,10 @@ from torch import nn
 
 
 @torch.no_grad()
-def validate(classifier: nn.Module, class_names: list[str], batches: Iterable, union_names: list[str]) -> dict:
-    """Mean AUC (classes with positives and negatives among annotated val images) and the image count.
+def validate(classifier: nn.Module, class_names: list[str], batches: Iterable, union_names: list[str],
+             min_positives: int = 1) -> dict:
+    """Mean AUC (classes with at least ``min_positives`` positives and negatives among annotated val
+    images; ``None`` when no class has) and the image count.
 
     ``batches`` carry ``targets``/``target_mask`` in ``union_names`` order; they are matched to the
     classifier's ``class_names`` by name (a class the val data does not have stays unscored)."""
@@ -38,7 +40,8 @@ def validate(classifier: nn.Module, class_names: list[str], batches: Iterable, u
     classifier.train()
     if not probs:
         return {"val_auc": None, "val_images": 0}
-    res = classification_metrics(np.concatenate(probs), np.concatenate(targets), np.concatenate(mask), class_names)
+    res = classification_metrics(np.concatenate(probs), np.concatenate(targets), np.concatenate(mask), class_names,
+                                 min_positives=min_positives)
     auc = res["mean"]["auc"]
     return {"val_auc": None if auc is None or not np.isfinite(auc) else round(float(auc), 5),
             "val_images": int(sum(len(p) for p in probs))}
