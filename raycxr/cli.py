@@ -127,7 +127,9 @@ def cmd_sites(args: Sequence[str]) -> int:
             console.print(f"labels ({len(m.label_names)}): {', '.join(m.label_names)}")
             from .dataset import site_pair_types
 
-            console.print(f"pair types (UmiF, from the manifest): {', '.join(site_pair_types(m))}")
+            how = "declared in the site file" if s.pair_types is not None else "from the manifest"
+            types = site_pair_types(m, s.pair_types, source=str(s.yaml_path or s.name))
+            console.print(f"pair types (UmiF, {how}): {', '.join(types)}")
             print_corpus_table({s.name: _site_stats(s)}, title=f"site {s.name}")
         return 0
     if action == "validate":

@@ -40,7 +40,8 @@ class SiteDataset(Dataset):
     - ``site_index``, ``image_id``, ``report`` (empty string when absent)
     - ``image2``: a second view of the same image when ``second_view`` is given
     - ``annotation`` / ``has_annotation``: with ``annotation_size``, the row's boxes and lesion mask
-      rendered here, inside the site (:func:`render_annotation`), so raw annotations never leave it
+      rendered here, inside the site (:func:`render_annotation`), so raw annotations never leave it;
+      ``pair_offer``: which of image-report / image-class / image-segment the site offers (``pair_types``)
 
     With a ``cache`` (:class:`raycxr.cache.DecodeCache`) the image is read from it, already at the
     training resolution; the transforms (augmentation) run on the cached array.
@@ -50,8 +51,12 @@ class SiteDataset(Dataset):
                  split: str | None = None, label_space: UnionLabelSpace | None = None,
                  uncertain_policy: str = "ignore", site_index: int = 0, quarantine: Quarantine | None = None,
                  seed: int = 0, second_view: Callable | None = None, use_labels: bool = True,
-                 cache: DecodeCache | None = None, annotation_size: int | None = None) -> None:
+                 cache: DecodeCache | None = None, annotation_size: int | None = None,
+                 pair_types: Sequence[str] | None = None) -> None:
         self.cache = cache
+        # with annotation_size (UmiF): which supervision a sample may offer as a pair (None: all it has)
+        offered = set(pair_types) if pair_types is not None else set(PAIR_TYPES)
+        self.pair_offer = torch.tensor([t in offered for t in PAIR_TYPES[:3]])
         self.annotation_size = annotation_size
         self.manifest = manifest.split(split) if split else manifest
         self.root = Path(root)
@@ -105,6 +110,7 @@ class SiteDataset(Dataset):
             out["annotation"] = torch.from_numpy(render_annotation(
                 row.get("boxes"), mask, self.annotation_size, mask_label=positives[0] if len(positives) == 1 else None))
             out["has_annotation"] = torch.tensor(has_annotation(row))
+            out["pair_offer"] = self.pair_offer  # (report, class, segment) the site declares (pair_types)
         if self.label_space is not None:
             out["targets"] = torch.from_numpy(self.targets[i])
             out["target_mask"] = torch.from_numpy(self.target_mask[i])
@@ -157,6 +163,9 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
                            int(transforms.get("size", 224)), dir=opts["dir"], dtype=opts["dtype"])
     tf.set_random_state(seed=int(seed) * 1009 + int(site_index))  # seeded augmentation: a run repeats exactly
     view2 = None
+    pair_types = None
+    if second_view == "annotation" and site.pair_types is not None:  # UmiF: a declared subset, checked here
+        pair_types = site_pair_types(manifest, site.pair_types, source=str(site.yaml_path or site.name))
     if second_view and second_view != "annotation":
         clean = second_view != "augmented" and site.objective == "supervised"
         view2 = eval_transforms(int(transforms.get("size", 224))) if clean else tf
@@ -168,7 +177,8 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
                        seed=seed, second_view=view2,
                        use_labels=use_labels if use_labels is not None else site.objective == "supervised" or not train,
                        cache=cache,
-                       annotation_size=int(transforms.get("size", 224)) if second_view == "annotation" else None)
+                       annotation_size=int(transforms.get("size", 224)) if second_view == "annotation" else None,
+                       pair_types=pair_types)
 
 
 # -- UmiF's supervision from a site's own annotations ---------------------------------------------------
@@ -213,9 +223,10 @@ def has_annotation(row: Mapping[str, Any]) -> bool:
     return isinstance(row.get("mask_path"), str) or isinstance(boxes, (list, tuple, np.ndarray))
 
 
-def site_pair_types(manifest: Manifest) -> list[str]:
-    """The UmiF pair types a site's manifest supports: a report → image-report, labels → image-class,
-    boxes or lesion masks → image-segment; none of them → image-only."""
+def site_pair_types(manifest: Manifest, declared: Sequence[str] | None = None, *, source: str = "") -> list[str]:
+    """The UmiF pair types a site offers: a report → image-report, labels → image-class, boxes or lesion
+    masks → image-segment; none of them → image-only. ``declared`` (the site YAML's ``pair_types``) narrows
+    that to a subset; declaring a type the manifest cannot supply is an error naming ``source``."""
     df = manifest.to_pandas()
     out = []
     if df["report"].map(lambda r: isinstance(r, str) and bool(r.strip())).any():
@@ -224,7 +235,16 @@ def site_pair_types(manifest: Manifest) -> list[str]:
         out.append("image-class")
     if df["mask_path"].notna().any() or df["boxes"].map(lambda b: isinstance(b, (list, tuple, np.ndarray))).any():
         out.append("image-segment")
-    return out or ["image-only"]
+    out = out or ["image-only"]
+    if declared is None:
+        return out
+    missing = [t for t in declared if t not in out and t != "image-only"]
+    if missing:
+        from .sites.config import SiteConfigError
+
+        raise SiteConfigError(f"site file {source}: pair_types declares {missing}, but its manifest supplies only "
+                              f"{out} (image-report needs reports, image-class labels, image-segment boxes or masks)")
+    return list(declared)
 
 
 def pair_type_probabilities(counts: Mapping[str, int]) -> dict[str, float]:

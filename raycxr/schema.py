@@ -164,6 +164,8 @@ class UmiFSection:
     lr: float = MISSING
     weight_decay: float = MISSING
     p: float = MISSING
+    p_end: Optional[float] = MISSING
+    r_range: list[float] = MISSING
     tau: float = MISSING
     teacher: bool = MISSING
     con_weight: float = MISSING
@@ -253,12 +255,20 @@ class PretrainConfig:
 
 
 @dataclass
+class UmiFGrid:
+    p: list[float] = MISSING
+    tau: list[float] = MISSING
+    p_end: list[Optional[float]] = MISSING
+
+
+@dataclass
 class TuneSection:
     name: str = MISSING
     storage_path: str = MISSING
     lam: list[float] = MISSING
     n_experts: list[int] = MISSING
     lr: list[float] = MISSING
+    umif: UmiFGrid = MISSING
     trial_runner: str = MISSING
     cpus_per_trial: float = MISSING
     gpus_per_trial: float = MISSING
@@ -338,6 +348,13 @@ class RetrievalSection:
 
 
 @dataclass
+class EvalSegmentationSection:
+    enabled: Any = MISSING  # auto | true | false
+    fractions: list[float] = MISSING
+    overrides: list[str] = MISSING
+
+
+@dataclass
 class EvalConfig:
     sites: SitesSection = MISSING
     run: str = MISSING
@@ -355,6 +372,7 @@ class EvalConfig:
     fine_tune: FineTuneSection = MISSING
     attention: AttentionSection = MISSING
     retrieval: RetrievalSection = MISSING
+    segmentation: EvalSegmentationSection = MISSING
 
 
 @dataclass
@@ -505,6 +523,8 @@ class StudyConfig:
     budget: StudyBudgetSection = MISSING
     backbones: dict[str, list[str]] = MISSING
     rows: list[dict[str, Any]] = MISSING
+    ablations: list[str] = MISSING
+    ablation_rows: dict[str, list[dict[str, Any]]] = MISSING
     include_registered: bool = MISSING
     skip_methods: list[str] = MISSING
     downstream: StudyDownstreamSection = MISSING
@@ -536,7 +556,7 @@ RULES: dict[str, dict[str, Any]] = {
         "ark.optimizer": ("sgd", "adamw"),
         "baseline.epochs": 0, "baseline.lr": 0.0, "selfsup.epochs": 0, "selfsup.proj_dim": _POSITIVE,
         "selfsup.objective": ("simclr", "mocov2", "vicreg", "clip", "slip"),
-        "umif.epochs": 0, "umif.lr": 0.0, "umif.p": 0.0, "umif.tau": 1e-6, "umif.con_weight": 0.0,
+        "umif.epochs": 0, "umif.lr": 0.0, "umif.p": 0.0, "umif.p_end": 0.0, "umif.tau": 1e-6, "umif.con_weight": 0.0,
         "umif.momentum": 0.0, "umif.weight_decay": 0.0,
         "ray.num_workers": _POSITIVE, "ray.max_failures": 0, "ray.num_to_keep": _POSITIVE, "ray.prefetch": _POSITIVE,
         "ray.grad_sync": ("bucketed", "per_tensor"),

@@ -1,14 +1,17 @@
-"""``raycxr tune``: a Ray Tune sweep over UniChest's λ, K and learning rate, ranked by the val mean AUC.
+"""``raycxr tune``: a Ray Tune sweep over a method's knobs, ranked by the val mean AUC.
 
-- The grid is ``tune.lam`` × ``tune.n_experts`` × ``tune.lr`` (``tune.grid_search``); every other knob
-  is the pretraining config (``configs/tune.yaml`` composes ``configs/pretrain.yaml``).
+- The grid is the method's (:data:`SWEEPS`): UniChest ``tune.lam`` × ``tune.n_experts`` × ``tune.lr``; UmiF
+  ``tune.umif.p`` × ``tune.umif.tau`` × ``tune.umif.p_end`` (the grouping, the temperature and the r
+  schedule), each through ``tune.grid_search``; every other knob is the pretraining config
+  (``configs/tune.yaml`` composes ``configs/pretrain.yaml``).
 - Each trial runs :func:`raycxr.train.driver.train_method` with :class:`~raycxr.train.local.LocalData` in
   the trial process, reporting once per epoch through ``ray.tune.report`` (metrics, ``val_auc``
   included, plus a checkpoint). ASHA stops trials whose val AUC trails at a rung.
 - Resume: run again with the same ``tune.name`` / ``tune.storage_path``; ``Tuner.restore`` resumes
   unfinished and errored trials from their last checkpoint and leaves finished ones alone.
-- Output in ``<storage_path>/<name>``: ``tune_results.csv`` / ``.md``, ``tune_heatmap.png`` (λ × K,
-  best divide-stage val AUC, max over lr), ``best_config.yaml`` (the overrides for ``raycxr pretrain``)
+- Output in ``<storage_path>/<name>``: ``tune_results.csv`` / ``.md``, ``tune_heatmap.png`` (the first two
+  knobs, e.g. λ × K, best ranked val AUC, max over the third), ``best_config.yaml`` (the overrides for
+  ``raycxr pretrain``)
   and ``runs/<trial>/metrics.jsonl``.
 
 Why trials run the single-process schedule by default (``tune.trial_runner=local``), not a
@@ -40,8 +43,15 @@ from .checkpoint import FILENAME, Checkpoint
 from .train.driver import Run, train_method
 from .train.local import LocalData, select_sites
 
-# column in the results -> the pretraining config key it sets
-SWEPT = {"lam": "unichest.lam", "K": "unichest.n_experts", "lr": "unichest.lr"}
+# per method: column in the results -> (the pretraining config key it sets, where the grid's values are)
+SWEEPS: dict[str, dict[str, tuple[str, str]]] = {
+    "unichest": {"lam": ("unichest.lam", "tune.lam"), "K": ("unichest.n_experts", "tune.n_experts"),
+                 "lr": ("unichest.lr", "tune.lr")},
+    "umif": {"p": ("umif.p", "tune.umif.p"), "tau": ("umif.tau", "tune.umif.tau"),
+             "p_end": ("umif.p_end", "tune.umif.p_end")},
+}
+LABELS = {"lam": "λ (shared-network weight)", "K": "K (query networks)", "lr": "lr", "p": "p (P(r = 1))",
+          "tau": "τ (alignment temperature)", "p_end": "p_end (r schedule)"}
 METRIC = "val_auc"
 
 
@@ -49,33 +59,57 @@ def _values(v: Any) -> list:
     return list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]
 
 
+def sweep_columns(cfg: DictConfig) -> dict[str, tuple[str, str]]:
+    if cfg.method not in SWEEPS:
+        raise ValueError(f"raycxr tune sweeps {sorted(SWEEPS)}; method={cfg.method} has no sweep")
+    return SWEEPS[cfg.method]
+
+
+def _number(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
 def sweep_grid(cfg: DictConfig) -> dict[str, list]:
-    """``{"lam": [...], "K": [...], "lr": [...]}`` from ``cfg.tune``."""
-    t = cfg.tune
-    grid = {"lam": [float(x) for x in _values(t.lam)], "K": [int(x) for x in _values(t.n_experts)],
-            "lr": [float(x) for x in _values(t.lr)]}
-    if any(k < 2 for k in grid["K"]):
-        raise ValueError(f"tune.n_experts: K must be >= 2 (the shared network plus an expert), got {grid['K']}")
-    if any(not 0.0 <= lam <= 1.0 for lam in grid["lam"]):
-        raise ValueError(f"tune.lam: λ must be in [0, 1], got {grid['lam']}")
+    """The method's grid from ``cfg.tune``, e.g. ``{"lam": [...], "K": [...], "lr": [...]}``."""
+    grid = {col: _values(OmegaConf.select(cfg, where)) for col, (_, where) in sweep_columns(cfg).items()}
+    if cfg.method == "unichest":
+        grid = {"lam": [float(x) for x in grid["lam"]], "K": [int(x) for x in grid["K"]],
+                "lr": [float(x) for x in grid["lr"]]}
+        if any(k < 2 for k in grid["K"]):
+            raise ValueError(f"tune.n_experts: K must be >= 2 (the shared network plus an expert), got {grid['K']}")
+        if any(not 0.0 <= lam <= 1.0 for lam in grid["lam"]):
+            raise ValueError(f"tune.lam: λ must be in [0, 1], got {grid['lam']}")
+    else:
+        grid = {col: [_number(x) for x in vals] for col, vals in grid.items()}
+        for col in ("p", "p_end"):
+            if any(x is not None and not 0.0 <= x <= 1.0 for x in grid[col]):
+                raise ValueError(f"tune.umif.{col}: must be in [0, 1], got {grid[col]}")
+        if any(x is None or x <= 0 for x in grid["tau"]):
+            raise ValueError(f"tune.umif.tau: τ must be > 0, got {grid['tau']}")
+    if any(not vals for vals in grid.values()):
+        raise ValueError(f"tune: every knob needs at least one value, got {grid}")
     return grid
 
 
 def max_epochs(cfg: DictConfig) -> int:
-    return int(cfg.unichest.conquer_epochs) + int(cfg.unichest.divide_epochs)
+    if cfg.method == "unichest":
+        return int(cfg.unichest.conquer_epochs) + int(cfg.unichest.divide_epochs)
+    return int(cfg[cfg.method].epochs)
 
 
 def grace_period(cfg: DictConfig) -> int:
-    """ASHA's first rung: by default the first divide epoch, since λ and K only enter the model's output
-    in divide (conquer epochs of trials that differ in λ and K differ by initialisation noise)."""
+    """ASHA's first rung: by default UniChest's first divide epoch, since λ and K only enter the model's
+    output in divide (conquer epochs of trials that differ in λ and K differ by initialisation noise);
+    another method's first epoch."""
     g = cfg.tune.get("grace_period")
-    return max(1, min(int(g) if g is not None else int(cfg.unichest.conquer_epochs) + 1, max_epochs(cfg)))
+    first = int(cfg.unichest.conquer_epochs) + 1 if cfg.method == "unichest" else 1
+    return max(1, min(int(g) if g is not None else first, max_epochs(cfg)))
 
 
 def trial_config(base: dict, params: dict) -> DictConfig:
-    """The pretraining config of one trial: the sweep's base config with λ, K and lr set."""
+    """The pretraining config of one trial: the sweep's base config with the swept knobs set."""
     cfg = OmegaConf.create(base)
-    for col, key in SWEPT.items():
+    for col, (key, _) in SWEEPS[cfg.method].items():
         OmegaConf.update(cfg, key, params[col])
     return cfg
 
@@ -217,8 +251,7 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
 
     from .train.ray_launch import init_ray
 
-    if cfg.method != "unichest":
-        raise ValueError(f"raycxr tune sweeps UniChest's λ and K; method={cfg.method} is not supported")
+    sweep_columns(cfg)
     if not (cfg.get("val") and cfg.val.get("enabled", True)):
         raise ValueError("raycxr tune ranks trials by the val AUC: val.enabled must be true")
     if cfg.get("resume"):
@@ -248,13 +281,13 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
                                         {"cpu": float(t.cpus_per_trial), "gpu": float(t.gpus_per_trial)})
     # num_to_keep forces an experiment snapshot per checkpoint; Tune warns about it every few seconds
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    n_trials = len(grid["lam"]) * len(grid["K"]) * len(grid["lr"])
+    n_trials = math.prod(len(v) for v in grid.values())
     restored = tune.Tuner.can_restore(str(exp))
     if restored:
         print(f"restoring sweep {exp}: finished trials are kept, unfinished and errored ones resume")
         tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True)
     else:
-        print(f"sweep {exp}: {n_trials} trials (λ {grid['lam']} × K {grid['K']} × lr {grid['lr']}), "
+        print(f"sweep {exp}: {n_trials} trials ({' × '.join(f'{k} {v}' for k, v in grid.items())}), "
               f"{max_epochs(cfg)} epochs each, ASHA on {METRIC} from epoch {grace_period(cfg)}")
         # a Tune STOP kills the trial at once, mid-way through its last epoch's bookkeeping (divide.pt; with
         # trial_runner=ray the Train controller too, before it frees its worker group: V2's placement-group
@@ -272,19 +305,24 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=t.num_to_keep)),
         )
     results = tuner.fit()
-    rows = result_rows(results, max_epochs(cfg))
-    return {**write_report(rows, exp, grid), "restored": restored, "path": str(exp)}
+    ranked = "divide" if cfg.method == "unichest" else None
+    rows = result_rows(results, max_epochs(cfg), list(grid), ranked_stage=ranked)
+    return {**write_report(rows, exp, grid, cfg.method), "restored": restored, "path": str(exp)}
 
 
-def result_rows(results: Any, max_t: int) -> list[dict]:
-    """One row per trial: λ, K, lr, the best val AUC over the divide epochs and its epoch, the best
-    over conquer (for reference: λ and K do not act there), epochs run, stopped early or not."""
+def result_rows(results: Any, max_t: int, columns: list[str] | None = None,
+                ranked_stage: str | None = "divide") -> list[dict]:
+    """One row per trial: the swept knobs, the best val AUC over the ranked epochs (UniChest: divide, where
+    λ and K act; None: every epoch) and its epoch, UniChest's best over conquer (for reference), epochs run,
+    stopped early or not."""
+    columns = columns or list(SWEEPS["unichest"])
     rows = []
     for res in results:
         df = res.metrics_dataframe
         aucs = [float(x) for x in df[METRIC]] if df is not None and METRIC in df else []
-        stages = list(df["stage"]) if df is not None and "stage" in df else ["divide"] * len(aucs)
-        finite = [(a, i) for i, (a, st) in enumerate(zip(aucs, stages)) if math.isfinite(a) and st == "divide"]
+        stages = list(df["stage"]) if df is not None and "stage" in df else [ranked_stage] * len(aucs)
+        finite = [(a, i) for i, (a, st) in enumerate(zip(aucs, stages))
+                  if math.isfinite(a) and (ranked_stage is None or st == ranked_stage)]
         conquer = [a for a, st in zip(aucs, stages) if math.isfinite(a) and st == "conquer"]
         best, at = max(finite) if finite else (math.nan, -1)
         epochs = int(df["training_iteration"].max()) if df is not None and len(df) else 0
@@ -293,7 +331,7 @@ def result_rows(results: Any, max_t: int) -> list[dict]:
         if not ckpt and df is not None and "checkpoint_path" in df:  # trial_runner=ray: the Train run's
             ckpt = str(df["checkpoint_path"].dropna().iloc[-1]) if df["checkpoint_path"].notna().any() else ""
         rows.append({"trial": res.metrics.get("trial_id", Path(res.path).name),
-                     "lam": res.config["lam"], "K": res.config["K"], "lr": res.config["lr"],
+                     **{c: res.config[c] for c in columns},
                      "best_val_auc": round(best, 5) if finite else math.nan,
                      "best_epoch": at + 1 if finite else None,
                      "conquer_val_auc": round(max(conquer), 5) if conquer else math.nan,
@@ -301,7 +339,11 @@ def result_rows(results: Any, max_t: int) -> list[dict]:
                      "stopped_early": res.error is None and epochs < max_t,
                      "error": type(res.error).__name__ if res.error is not None else "",
                      "last_checkpoint": ckpt})
-    return sorted(rows, key=lambda r: (r["lam"], r["K"], r["lr"]))
+    return sorted(rows, key=lambda r: tuple(_sort_key(r[c]) for c in columns))
+
+
+def _sort_key(v: Any) -> tuple[int, float]:
+    return (0, -1.0) if v is None else (1, float(v))
 
 
 def best_row(rows: list[dict]) -> dict | None:
@@ -309,39 +351,56 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(ok, key=lambda r: r["best_val_auc"]) if ok else None
 
 
-def write_report(rows: list[dict], out: Path, grid: dict[str, list]) -> dict[str, Any]:
+def _fmt(v: Any) -> str:
+    return "null" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def write_report(rows: list[dict], out: Path, grid: dict[str, list], method: str = "unichest") -> dict[str, Any]:
     """``tune_results.csv`` / ``.md``, the heat-map and ``best_config.yaml`` in ``out``; prints the best."""
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
+    columns = list(SWEEPS[method])
     csv = out / "tune_results.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     best = best_row(rows)
-    heat = plot_heatmap(rows, out / "tune_heatmap.png", grid)
-    lines = [f"# UniChest sweep `{out.name}`", "",
-             f"λ ∈ {grid['lam']}, K ∈ {grid['K']}, lr ∈ {grid['lr']}; metric: best val mean AUC over the divide "
-             "epochs a trial ran (λ and K act only in divide; ASHA may stop a trial early). The best conquer epoch "
-             "is listed for reference: its spread between trials is the run-to-run noise.", "",
-             "| λ | K | lr | best val AUC (divide) | at epoch | best val AUC (conquer) | epochs run | stopped early "
-             "| error |", "|---|---|---|---|---|---|---|---|---|"]
+    heat = plot_heatmap(rows, out / "tune_heatmap.png", grid, method)
+    knobs = ", ".join(f"{c} ∈ {[_fmt(v) for v in grid[c]]}" for c in columns)
+    if method == "unichest":
+        title = "UniChest"
+        metric = ("best val mean AUC over the divide epochs a trial ran (λ and K act only in divide; ASHA may stop "
+                  "a trial early). The best conquer epoch is listed for reference: its spread between trials is the "
+                  "run-to-run noise.")
+        heads = ["λ", "K", "lr", "best val AUC (divide)", "at epoch", "best val AUC (conquer)"]
+    else:
+        title = method
+        metric = "best val mean AUC (the run's classifier) over the epochs a trial ran (ASHA may stop a trial early)."
+        heads = [*columns, "best val AUC", "at epoch"]
+    lines = [f"# {title} sweep `{out.name}`", "", f"{knobs}; metric: {metric}", "",
+             "| " + " | ".join([*heads, "epochs run", "stopped early", "error"]) + " |",
+             "|" + "---|" * (len(heads) + 3)]
     for r in sorted(rows, key=lambda r: -r["best_val_auc"] if math.isfinite(r["best_val_auc"]) else math.inf):
         auc = f"{r['best_val_auc']:.4f}" if math.isfinite(r["best_val_auc"]) else "–"
         mark = "**" if r is best else ""
-        conquer = f"{r['conquer_val_auc']:.4f}" if math.isfinite(r.get("conquer_val_auc", math.nan)) else "–"
-        lines.append(f"| {mark}{r['lam']}{mark} | {mark}{r['K']}{mark} | {r['lr']:g} | {mark}{auc}{mark} | "
-                     f"{r['best_epoch'] or '–'} | {conquer} | {r['epochs_run']}/{r['max_epochs']} | "
-                     f"{'yes' if r['stopped_early'] else 'no'} | {r['error']} |")
+        cells = [f"{mark}{_fmt(r[c])}{mark}" if i < 2 else _fmt(r[c]) for i, c in enumerate(columns)]
+        cells += [f"{mark}{auc}{mark}", str(r["best_epoch"] or "–")]
+        if method == "unichest":
+            c = r.get("conquer_val_auc", math.nan)
+            cells.append(f"{c:.4f}" if math.isfinite(c) else "–")
+        cells += [f"{r['epochs_run']}/{r['max_epochs']}", "yes" if r["stopped_early"] else "no", r["error"]]
+        lines.append("| " + " | ".join(cells) + " |")
     best_yaml = out / "best_config.yaml"
     if best is not None:
-        overrides = [f"{SWEPT[c]}={best[c]}" for c in SWEPT]
-        lines += ["", f"Best: λ = {best['lam']}, K = {best['K']}, lr = {best['lr']:g} (val AUC "
-                  f"{best['best_val_auc']:.4f}): `raycxr pretrain {' '.join(overrides)}`"]
+        overrides = [f"{key}={_fmt(best[c])}" for c, (key, _) in SWEEPS[method].items()]
+        said = ", ".join(f"{c} = {_fmt(best[c])}" for c in columns)
+        lines += ["", f"Best: {said} (val AUC {best['best_val_auc']:.4f}): `raycxr pretrain method={method} "
+                  f"{' '.join(overrides)}`"]
         best_yaml.write_text(OmegaConf.to_yaml(OmegaConf.create(
-            {"overrides": overrides, "lam": best["lam"], "K": best["K"], "lr": best["lr"],
+            {"overrides": overrides, **{c: best[c] for c in columns},
              "val_auc": best["best_val_auc"], "trial": best["trial"],
              "last_checkpoint": best["last_checkpoint"]})))
-        print(f"best of {len(rows)} trials: λ={best['lam']} K={best['K']} lr={best['lr']:g} "
-              f"val AUC {best['best_val_auc']:.4f}\n  raycxr pretrain {' '.join(overrides)}")
+        print(f"best of {len(rows)} trials: {said} val AUC {best['best_val_auc']:.4f}\n"
+              f"  raycxr pretrain method={method} {' '.join(overrides)}")
     else:
         print(f"no trial of {len(rows)} produced a finite val AUC (is there a val split?)")
     md = out / "tune_results.md"
@@ -350,38 +409,42 @@ def write_report(rows: list[dict], out: Path, grid: dict[str, list]) -> dict[str
             "best_config": str(best_yaml) if best is not None else None}
 
 
-def plot_heatmap(rows: list[dict], path: Path, grid: dict[str, list]) -> Path:
-    """λ × K heat-map of the best val AUC (max over lr), numbers in the cells, the best cell framed."""
+def plot_heatmap(rows: list[dict], path: Path, grid: dict[str, list], method: str = "unichest") -> Path:
+    """Heat-map of the best val AUC over the method's first two knobs (λ × K; UmiF p × τ), max over the
+    third, numbers in the cells, the best cell framed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    lams, ks = sorted(grid["lam"]), sorted(grid["K"])
-    m = np.full((len(lams), len(ks)), np.nan)
+    ycol, xcol, zcol = list(SWEEPS[method])
+    ys, xs = sorted(grid[ycol], key=_sort_key), sorted(grid[xcol], key=_sort_key)
+    m = np.full((len(ys), len(xs)), np.nan)
     for r in rows:
-        if math.isfinite(r["best_val_auc"]) and r["lam"] in lams and r["K"] in ks:
-            i, j = lams.index(r["lam"]), ks.index(r["K"])
+        if math.isfinite(r["best_val_auc"]) and r[ycol] in ys and r[xcol] in xs:
+            i, j = ys.index(r[ycol]), xs.index(r[xcol])
             m[i, j] = np.nanmax([m[i, j], r["best_val_auc"]])
-    fig, ax = plt.subplots(figsize=(1.4 * len(ks) + 2.4, 1.0 * len(lams) + 1.8))
+    fig, ax = plt.subplots(figsize=(1.4 * len(xs) + 2.4, 1.0 * len(ys) + 1.8))
     im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", aspect="auto")
-    fig.colorbar(im, ax=ax, label="best val mean AUC in divide (max over lr)")
-    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
-    ax.set_yticks(range(len(lams)), [f"{lam:g}" for lam in lams])
-    ax.set_xlabel("K (query networks)")
-    ax.set_ylabel("λ (shared-network weight)")
+    ranked = "best val mean AUC in divide" if method == "unichest" else "best val mean AUC"
+    fig.colorbar(im, ax=ax, label=f"{ranked} (max over {zcol})")
+    ax.set_xticks(range(len(xs)), [_fmt(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [_fmt(y) for y in ys])
+    ax.set_xlabel(LABELS[xcol])
+    ax.set_ylabel(LABELS[ycol])
     finite = np.isfinite(m)
     lo, hi = (np.nanmin(m), np.nanmax(m)) if finite.any() else (0.0, 1.0)
-    for i in range(len(lams)):
-        for j in range(len(ks)):
+    for i in range(len(ys)):
+        for j in range(len(xs)):
             txt = f"{m[i, j]:.3f}" if finite[i, j] else "–"
             dark = finite[i, j] and (m[i, j] - lo) < 0.6 * (hi - lo + 1e-12)
             ax.text(j, i, txt, ha="center", va="center", color="white" if dark else "black", fontsize=10)
     if finite.any():
         i, j = np.unravel_index(np.nanargmax(m), m.shape)
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
-        ax.set_title(f"UniChest sweep: best λ={lams[i]:g}, K={ks[j]}", fontsize=10)
+        ax.set_title(f"{'UniChest' if method == 'unichest' else method} sweep: best {ycol}={_fmt(ys[i])}, "
+                     f"{xcol}={_fmt(xs[j])}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

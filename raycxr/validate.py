@@ -48,6 +48,14 @@ def validate_site(site: SiteConfig, *, check_images: bool = False, workers: int 
         return {"ok": False, "images": len(df), "quarantined": 0,
                 "message": f"manifest {site.manifest_path} names site(s) {wrong}, but this site is '{site.name}': "
                            f"run `raycxr sites build {site.name}` to rewrite it under its own name"}
+    if site.pair_types is not None:  # a declared UmiF pair type the manifest cannot supply
+        from .dataset import site_pair_types
+        from .sites.config import SiteConfigError
+
+        try:
+            site_pair_types(manifest, site.pair_types, source=str(site.yaml_path or site.name))
+        except SiteConfigError as e:
+            return {"ok": False, "message": str(e), "images": len(df), "quarantined": 0}
     q = Quarantine(site.quarantine_path, site=site.name)
     jobs = []
     missing = 0

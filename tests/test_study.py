@@ -86,3 +86,21 @@ def test_cells_run_as_ray_tasks(study, tmp_path):
         ray.shutdown()
     assert res2["pretraining"]["mixed"]["steps"] == res["pretraining"]["mixed"]["steps"]
     assert sorted(res2["table"]) == sorted(res["table"])
+
+
+def test_the_rows_of_a_study_with_ablations_and_registered_methods():
+    from raycxr.methods import list_methods
+    from raycxr.study.run import _row_overrides, build_rows
+
+    rows = {r.name: r for r in build_rows(compose("study", ["ablations=[umif]"]))}
+    assert {"umif_p0", "umif_p05", "umif_p1", "umif_no_segment", "umif_no_teacher"} <= set(rows)
+    assert rows["umif"].overrides == () and "umif" in list_methods()  # the default row is still there
+    assert "single" not in rows  # skip_methods
+    cfg = compose("study", ["ablations=[umif]"])
+    over = _row_overrides(cfg, rows["umif_no_teacher"])
+    assert over[-1] == "umif.teacher=false" and "method=umif" in over
+    assert any(o.startswith("umif.epochs=") for o in over)  # the same budget as every row
+    plain = {r.name for r in build_rows(compose("study"))}
+    assert "umif" in plain and not any(n.startswith("umif_") for n in plain)
+    with pytest.raises(ValueError, match="not groups of ablation_rows"):
+        build_rows(compose("study", ["ablations=[nope]"]))

@@ -60,6 +60,27 @@ def test_report_names_the_best_cell(tmp_path):
     assert len(pd.read_csv(out["csv"])) == 4 and (tmp_path / "tune_heatmap.png").stat().st_size > 5000
 
 
+def test_umif_grid_and_its_report(tmp_path):
+    cfg = compose("tune", ["method=umif", "tune.umif.p_end=[null,0.0]"])
+    assert sweep_grid(cfg) == {"p": [0.0, 0.2, 0.5], "tau": [0.05, 0.1], "p_end": [None, 0.0]}
+    assert grace_period(cfg) == 1  # no stage where the knobs do not act
+    with pytest.raises(ValueError, match="tune.umif.p"):
+        sweep_grid(compose("tune", ["method=umif", "tune.umif.p=[1.5]"]))
+    with pytest.raises(ValueError, match="has no sweep"):
+        sweep_grid(compose("tune", ["method=ark"]))
+    rows = [{"trial": f"t{i}", "p": p, "tau": tau, "p_end": pe, "best_val_auc": auc, "best_epoch": 1,
+             "epochs_run": 2, "conquer_val_auc": math.nan, "max_epochs": 3, "stopped_early": False, "error": "",
+             "last_checkpoint": ""}
+            for i, (p, tau, pe, auc) in enumerate([(0.0, 0.1, None, 0.60), (0.2, 0.1, 0.0, 0.72),
+                                                   (0.2, 0.05, None, 0.65)])]
+    out = write_report(rows, tmp_path, {"p": [0.0, 0.2], "tau": [0.05, 0.1], "p_end": [None, 0.0]}, "umif")
+    best = yaml.safe_load(open(out["best_config"]))
+    assert best["overrides"] == ["umif.p=0.2", "umif.tau=0.1", "umif.p_end=0"] and best["trial"] == "t1"
+    md = open(out["markdown"]).read()
+    assert md.startswith("# umif sweep") and "| **0.2** | **0.1** | 0 | **0.7200** |" in md
+    assert (tmp_path / "tune_heatmap.png").stat().st_size > 5000
+
+
 @pytest.fixture(scope="module")
 def cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
@@ -125,3 +146,27 @@ def test_trial_as_a_train_run(cluster, val_sites, tmp_path):
         assert ray.available_resources().get("CPU", 0) == 2
     finally:
         shutil.rmtree(tmp_path / "tr", ignore_errors=True)  # ~0.8 GB of Train checkpoints
+
+
+@pytest.mark.ray
+def test_a_umif_sweep_over_p_runs_and_ranks_its_trials(cluster, val_sites, tmp_path):
+    from raycxr.tune import run_tune
+
+    try:
+        over = [*TINY, *val_sites, "method=umif", "umif.epochs=2", "tune.umif.p=[0.0,1.0]", "tune.umif.tau=[0.1]",
+                "tune.umif.p_end=[null]", "tune.grace_period=2", f"tune.storage_path={tmp_path}", "tune.name=u",
+                "tune.checkpoint=false"]
+        res = run_tune(compose("tune", over))
+        df = pd.read_csv(tmp_path / "u" / "tune_results.csv")
+        assert sorted(df["p"]) == [0.0, 1.0] and (df["epochs_run"] == 2).all()
+        assert df["best_val_auc"].map(math.isfinite).all()  # the prompt-head classifier, scored on val
+        assert res["best"]["best_val_auc"] == pytest.approx(df["best_val_auc"].max())
+        logs = {t: [json.loads(line) for line in open(tmp_path / "u" / "runs" / t / "metrics.jsonl")]
+                for t in df["trial"]}
+        # each trial trained with its own p (p = 1: every pair CLIP-like, r = 1)
+        by_p = {float(df[df["trial"] == t]["p"].iloc[0]): [r for r in log if r["position"] >= 0]
+                for t, log in logs.items()}
+        assert all(r["p"] == 1.0 and r["r_mean"] == 1.0 for r in by_p[1.0])
+        assert all(r["p"] == 0.0 and r["r_mean"] < 1.0 for r in by_p[0.0])
+    finally:
+        shutil.rmtree(tmp_path / "u", ignore_errors=True)

@@ -11,13 +11,15 @@ from PIL import Image
 from raycxr.config import compose
 from raycxr.dataset import (
     abnormality_intensity,
+    collate_skip_none,
     pair_type_probabilities,
     render_annotation,
     sample_pairs,
     site_pair_types,
 )
 from raycxr.losses import byol_consistency_loss, ema_update, umif_alignment_loss
-from raycxr.models.umif import UmiF, UmiFImageEncoder, group_bits, sample_ratios
+from raycxr.methods.umif import pair_types_of
+from raycxr.models.umif import UmiF, UmiFImageEncoder, group_bits, sample_ratios, scheduled_p
 
 
 def t(rows):
@@ -58,6 +60,25 @@ def test_sample_ratios_r_is_one_with_probability_p():
     assert abs(float((r == 1).float().mean()) - 0.2) < 0.03
     with pytest.raises(ValueError, match="p must be in"):
         sample_ratios(2, 1.5)
+
+
+def test_r_range_bounds_the_ratios_that_are_not_one():
+    g = torch.Generator().manual_seed(2)
+    r = sample_ratios(4000, 0.0, g, (0.3, 0.7))
+    assert float(r.min()) >= 0.3 and float(r.max()) <= 0.7 and abs(float(r.mean()) - 0.5) < 0.02
+    assert torch.equal(sample_ratios(10, 0.0, g, (0.4, 0.4)), torch.full((10,), 0.4))
+    with pytest.raises(ValueError, match="r_range"):
+        sample_ratios(2, 0.2, g, (0.8, 0.2))
+
+
+def test_the_p_schedule_is_constant_without_p_end_and_linear_with_it():
+    assert scheduled_p(0.2, None, 0.0) == scheduled_p(0.2, None, 1.0) == 0.2
+    assert scheduled_p(1.0, 0.2, 0.0) == 1.0
+    assert scheduled_p(1.0, 0.2, 0.5) == pytest.approx(0.6)
+    assert scheduled_p(1.0, 0.2, 1.0) == pytest.approx(0.2)
+    assert scheduled_p(0.0, 1.0, 2.0) == 1.0  # progress is clamped to the run
+    with pytest.raises(ValueError, match="p_end"):
+        scheduled_p(0.2, 1.5, 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +201,37 @@ def test_the_site_renders_annotations_and_declares_its_pair_types(small_corpus):
     assert drawn and all(set(it["annotation"].unique().tolist()) <= {0.0, ptx} for it in drawn)
 
 
+def test_a_site_declares_its_pair_types_in_its_yaml(small_corpus, tmp_path):
+    import yaml
+
+    from raycxr.dataset import site_dataset
+    from raycxr.sites.config import SiteConfig, SiteConfigError
+    from raycxr.validate import validate_site
+
+    base = {"name": "siim", "adapter": "manifest", "root": str(small_corpus / "siim")}
+    for bad, why in ((["image-caption"], "pair_types must be"), ([], "pair_types must be"),
+                     (["image-only", "image-class"], "cannot be combined")):
+        with pytest.raises(SiteConfigError, match=why):
+            SiteConfig.from_dict({**base, "pair_types": bad}, source="siim.yaml")
+    seg = SiteConfig.from_dict({**base, "pair_types": ["image-segment"]})
+    assert seg.to_dict()["pair_types"] == ["image-segment"]
+    assert site_pair_types(seg.load_manifest(), seg.pair_types) == ["image-segment"]
+    ds = site_dataset(seg, {"size": 32}, split=None, train=False, second_view="annotation")
+    batch = collate_skip_none([ds[i] for i in range(len(ds))])
+    assert batch["pair_offer"].tolist() == [[False, False, True]] * len(ds)
+    types = pair_types_of(batch)  # labels are there, but the site offers only its masks (or nothing)
+    assert {t for ts in types for t in ts} == {"image-segment", "image-only"}
+    # declaring what the manifest cannot supply fails with the file's name, in the data path and in validate
+    path = tmp_path / "siim.yaml"
+    path.write_text(yaml.safe_dump({**base, "pair_types": ["image-report", "image-class"]}))
+    wrong = SiteConfig.load(path)
+    with pytest.raises(SiteConfigError, match=r"siim.yaml: pair_types declares \['image-report'\]"):
+        site_dataset(wrong, {"size": 32}, split=None, train=False, second_view="annotation")
+    res = validate_site(wrong, progress=False)
+    assert not res["ok"] and "image-report" in res["message"]
+    site_dataset(wrong, {"size": 32}, split=None, train=False)  # other methods do not read pair_types
+
+
 def test_sites_show_lists_a_sites_pair_types(umif_run, capsys):
     from raycxr.cli import main
 
@@ -279,7 +331,8 @@ def umif_run(small_corpus, tmp_path_factory):
     for n in ("vindr", "siim"):
         (d / f"{n}.yaml").write_text(yaml.safe_dump({"name": n, "adapter": "manifest", "root": str(small_corpus / n)}))
     sites = [f"sites.sites_dir={d}"]
-    res = run_pretrain(compose("pretrain", [*UMIF_SMALL, *sites, f"out={tmp / 'run'}", "umif.epochs=4"]))
+    res = run_pretrain(compose("pretrain", [*UMIF_SMALL, *sites, f"out={tmp / 'run'}", "umif.epochs=4",
+                                                 "umif.p_end=0.8"]))
     return tmp / "run", res, sites
 
 
@@ -290,6 +343,8 @@ def test_umif_trains_through_the_local_runner_and_the_probe_loss_falls(umif_run)
     h = res["history"]
     assert [r["epoch"] for r in h] == [0, 1, 2, 3] and all(r["steps"] == 2 for r in h)
     assert all(np.isfinite(r["loss"]) and "align" in r and "con" in r for r in h)
+    # the r schedule: P(r = 1) from p = 0.2 at the first of 8 steps to p_end = 0.8 at the last
+    assert [round(r["p"], 4) for r in h] == pytest.approx([0.2 + 0.6 * (2 * e + 0.5) / 7 for e in range(4)], abs=1e-4)
     kinds = {k for r in h for k in r if k.startswith("pairs_")}
     assert {"pairs_image_report", "pairs_image_class", "pairs_image_segment"} <= kinds  # a batch mixes types
     curve = [json.loads(line)["probe_align"] for line in open(run / "metrics.jsonl")]
@@ -392,7 +447,21 @@ def test_raycxr_eval_gives_umif_retrieval_and_the_linear_probe(umif_run, tmp_pat
     run, _, sites = umif_run
     res = run_eval(compose("eval", [f"run={run}", f"out={tmp_path}", *sites, "split=train", "limit=12",
                                     "bootstrap=0", "min_positives=1", "fine_tune.enabled=false",
-                                    "linear_probe.sites=[nih]", "linear_probe.random_baseline=false", "threads=2"]))
+                                    "linear_probe.sites=[nih]", "linear_probe.random_baseline=false", "threads=2",
+                                    "segmentation.fractions=[0.1,1.0]", "segmentation.overrides=['epochs=1',"
+                                    "'max_steps_per_epoch=1','image_size=64','batch_size=4','n_test_limit=4',"
+                                    "'n_figure=1']"]))
+    # frozen-backbone segmentation at each share, the run's encoder beside random init (auto: a UmiF run)
+    seg = res["segmentation_frozen"]
+    assert list(seg) == ["10%", "100%"]
+    for share in seg.values():
+        assert {(r["task"], r["init"]) for r in share["rows"]} == {(t, i) for t in ("lungs", "pneumothorax")
+                                                                   for i in ("pretrained", "random")}
+        assert share["settings"]["freeze_encoder"] is True
+    n = {k: {r["task"]: r["n_train"] for r in v["rows"]} for k, v in seg.items()}
+    assert all(n["10%"][t] == max(1, round(0.1 * n["100%"][t])) < n["100%"][t] for t in n["100%"])
+    assert "Segmentation, backbone frozen" in (tmp_path / "report.md").read_text()
+    assert "Image-report retrieval" in (tmp_path / "report.md").read_text()
     r = res["retrieval"]["nih"]
     assert r["n_pairs"] == 12 and r["distinct_reports"] == 2
     assert all(0.0 <= r[f"{d}_r@{k}"] <= 1.0 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10))

@@ -270,11 +270,18 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     retrieval = cfg.get("retrieval") or {}
     if retrieval.get("enabled", True) and "encode_text" in pre.extra:
         steps += [(n, "retrieval") for n in _pick(retrieval.get("sites", "all"), sites, pre)]
+    seg = cfg.get("segmentation") or {}
+    if _segmentation_wanted(seg.get("enabled", "auto"), pre):
+        steps += [("all", f"segmentation {fr:g}") for fr in seg.get("fractions", [0.01, 0.1, 1.0])]
     heads: dict[str, dict] = {}
     preds: dict[str, SitePredictions] = {}
     bar = tqdm(steps, desc="raycxr eval", unit="step", dynamic_ncols=True)
     for name, what in bar:
         bar.set_postfix_str(f"{name}: {what}")
+        if what.startswith("segmentation"):
+            fr = float(what.split()[1])
+            results.setdefault("segmentation_frozen", {})[f"{fr * 100:g}%"] = frozen_segmentation(cfg, sites, fr, out)
+            continue
         site = sites[name]
         if what == "classifier":
             results["sites"][name] = score_site(pre.classifier, site, pre.class_names, image_size=pre.image_size,
@@ -306,6 +313,38 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     print_summary(results)
     print(f"wrote {out / 'results.json'}, {out / 'metrics.csv'} and {report}")
     return results
+
+
+def _segmentation_wanted(enabled: Any, pre: Pretrained) -> bool:
+    """``auto``: runs whose method learns from localisation (UmiF's image-segment pairs); true / false."""
+    if str(enabled).lower() == "auto":
+        return pre.method == "umif"
+    if str(enabled).lower() in ("true", "false"):
+        return str(enabled).lower() == "true"
+    raise ValueError(f"segmentation.enabled must be auto, true or false, got {enabled!r}")
+
+
+def frozen_segmentation(cfg: DictConfig, sites: dict[str, SiteConfig], fraction: float, out: Path) -> dict[str, Any]:
+    """``raycxr segment`` with the backbone frozen on ``fraction`` of the training masks (UmiF Table 3), from
+    the run's encoder and from random init, on the segmentation tasks whose sites are being evaluated."""
+    from ..config import compose
+    from .segmentation import run_segmentation
+
+    seg = cfg.segmentation
+    defaults = compose("segment", [f"run={cfg.run}"]).tasks
+    tasks = {t: [s for s in (names or []) if s in sites] for t, names in defaults.items()}
+    over = [f"tasks.{t}=[{','.join(names)}]" if names else f"tasks.{t}=null" for t, names in tasks.items()]
+    if not any(tasks.values()):
+        return {"rows": [], "note": f"no evaluated site holds masks for {sorted(defaults)}"}
+    folder = out / "segmentation_frozen" / f"{fraction * 100:g}pct"
+    over = [f"run={cfg.run}", f"sites.sites_dir={cfg.sites.sites_dir}", f"sites.data_root={cfg.sites.data_root}",
+            f"seed={cfg.seed}", *over, *(f"threads={cfg.threads}",) * bool(cfg.get("threads")),
+            *seg.get("overrides", []), "freeze_encoder=true", f"train_fraction={fraction}", f"out={folder}"]
+    res = run_segmentation(compose("segment", over))
+    keep = ("task", "init", "sites", "n_train", "n_test", "n_positive", "dice_mean", "dice_std", "hd95_mean",
+            "empty_gt_dice", "steps", "seconds")
+    return {"rows": [{k: r.get(k) for k in keep} for r in res["rows"]], "folder": str(folder.relative_to(out)),
+            "settings": res["settings"]}
 
 
 def _pick(spec: Any, sites: dict[str, SiteConfig], pre: Pretrained) -> list[str]:
@@ -352,6 +391,14 @@ def print_summary(results: dict[str, Any]) -> None:
         for row in retrieval_rows(results):
             rt.add_row(*row)
         Console().print(rt)
+    if results.get("segmentation_frozen"):
+        st = Table(title="segmentation, backbone frozen (test Dice)")
+        for col in ("training share", "task", "init", "train images", "Dice"):
+            st.add_column(col)
+        for share, e in results["segmentation_frozen"].items():
+            for r in e["rows"]:
+                st.add_row(share, r["task"], r["init"], str(r["n_train"]), f(r.get("dice_mean")))
+        Console().print(st)
     for line in summary_lines(results):
         print(line)
 

@@ -456,6 +456,25 @@ def _blocks(results: Mapping[str, Any], figures: Mapping[str, str], title: str) 
         if "fine_tune" in figures:
             b.append(("img", figures["fine_tune"], "mean AUC against the share of training images"))
 
+    if results.get("retrieval"):
+        from .retrieval import retrieval_rows
+
+        b.append(("h", 2, "Image-report retrieval"))
+        b.append(("table", ["site", "pairs", "i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10"],
+                  retrieval_rows(results)))
+        b.append(("p", "Recall@k over each site's test (image, report) pairs, both directions; chance is k / pairs."))
+
+    seg = results.get("segmentation_frozen") or {}
+    if seg:
+        b.append(("h", 2, "Segmentation, backbone frozen"))
+        rows = [[fr, r["task"], r["init"], str(r["n_train"]), _fmt(r.get("dice_mean")), _fmt(r.get("hd95_mean"), 1),
+                 str(r.get("n_positive", ""))] for fr, e in seg.items() for r in e["rows"]]
+        b.append(("table", ["training share", "task", "init", "train images", "test Dice", "HD95 (px)",
+                            "test masks"], rows))
+        b.append(("p", "The encoder frozen (BatchNorm statistics too), only the decoder trained on that share of "
+                       "the training masks (UmiF Table 3 protocol), from the run's encoder and from random init "
+                       "with the same seed; Dice over test images with a non-empty mask."))
+
     maps = [a for a in results.get("attention_maps") or [] if isinstance(a, Mapping) and a.get("path")]
     if maps:
         b.append(("h", 2, "Attention maps"))

@@ -35,7 +35,7 @@ from ..checkpoint import Checkpoint
 from ..dataset import sample_pairs
 from ..losses import byol_consistency_loss, ema_update, umif_alignment_loss
 from ..models.factory import build_text_encoder
-from ..models.umif import UmiF, UmiFImageEncoder, sample_ratios
+from ..models.umif import UmiF, UmiFImageEncoder, sample_ratios, scheduled_p
 from ..objectives import list_objectives
 from .base import (
     LossLog,
@@ -74,14 +74,16 @@ def pair_types_of(batch: dict, *, segment: bool = True) -> list[list[str]]:
     reports = batch.get("report") or [""] * n
     known = batch["target_mask"].sum(1) > 0 if "target_mask" in batch else torch.zeros(n, dtype=torch.bool)
     ann = batch.get("has_annotation")
+    offer = batch.get("pair_offer")  # what the sample's site declares (site YAML pair_types); absent: all
     out = []
     for j in range(n):
+        ok = offer[j].tolist() if offer is not None else [True, True, True]
         t = []
-        if isinstance(reports[j], str) and reports[j].strip():
+        if ok[0] and isinstance(reports[j], str) and reports[j].strip():
             t.append("image-report")
-        if bool(known[j]):
+        if ok[1] and bool(known[j]):
             t.append("image-class")
-        if segment and ann is not None and bool(ann[j]):
+        if ok[2] and segment and ann is not None and bool(ann[j]):
             t.append("image-segment")
         out.append(t or ["image-only"])
     return out
@@ -141,11 +143,12 @@ class UmiFBatcher:
 
 
 def umif_step_losses(student: UmiF, teacher: UmiF | None, inputs: dict, *, p: float, tau: float,
-                     con_weight: float, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                     con_weight: float, generator: torch.Generator | None = None,
+                     r_range: tuple[float, float] = (0.0, 1.0)) -> dict[str, torch.Tensor]:
     """L_align + λ·L_con on one batch of pairs (the teacher off: L_align alone)."""
     keys = ("text_ids", "text_valid", "masks", "mask_valid")
     tokens, v_i, v_s = student.tokens(inputs["images"], *(inputs.get(k) for k in keys))
-    r = sample_ratios(len(tokens), p, generator)
+    r = sample_ratios(len(tokens), p, generator, r_range)
     f1, f0 = student.grouped(tokens, v_i, v_s, r, generator)
     align = umif_alignment_loss(f1.float(), f0.float(), tau)
     out = {"align": align, "r_mean": r.mean()}
@@ -225,28 +228,42 @@ class UmiFMethod(Method):
         same = resume is not None and bool(resume.optimizer)
         if same:
             self.optimizer.load_state_dict(resume.optimizer)
-        self.lr_schedule = attach_schedule(self.optimizer, self.cfg,
-                                           int(s.epochs) * steps_per_unit(self.loader, self.cfg),
+        self.steps_per_epoch = steps_per_unit(self.loader, self.cfg)
+        self.total_steps = int(s.epochs) * self.steps_per_epoch
+        self.p_at(0)  # a bad p / p_end fails here, not mid-run
+        self._r_range()
+        self.lr_schedule = attach_schedule(self.optimizer, self.cfg, self.total_steps,
                                            int(resume.meta.get("lr_step") or 0) if same else 0)
         return resume.position if resume is not None else 0
 
     def units(self) -> list[Unit]:
         return [Unit("epoch", {"epoch": e}) for e in range(int(self.section.epochs))]
 
-    def _losses(self, inputs: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def _r_range(self) -> tuple[float, float]:
+        lo, hi = (float(x) for x in (self.section.get("r_range") or (0.0, 1.0)))
+        return lo, hi
+
+    def p_at(self, step: int) -> float:
+        """P(r = 1) at optimiser step ``step`` of the run (the r schedule: ``umif.p`` → ``umif.p_end``)."""
         s = self.section
-        return umif_step_losses(self.model, self.teacher, inputs, p=float(s.p), tau=float(s.tau),
-                                con_weight=float(s.con_weight), generator=generator)
+        return scheduled_p(float(s.p), s.get("p_end"), step / max(1, self.total_steps - 1))
+
+    def _losses(self, inputs: dict, p: float, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        s = self.section
+        return umif_step_losses(self.model, self.teacher, inputs, p=p, tau=float(s.tau),
+                                con_weight=float(s.con_weight), generator=generator, r_range=self._r_range())
 
     def run_unit(self, unit: Unit, position: int) -> dict[str, float]:
         set_epoch(self.loader, position)
         self.model.train()
         rng = np.random.default_rng([int(self.cfg.seed), int(position)])  # pair sampling repeats on resume
         log, kinds = LossLog(), {}
-        for batch in limited(self.loader, self.cfg.max_steps_per_epoch, device_of(self.model)):
+        for i, batch in enumerate(limited(self.loader, self.cfg.max_steps_per_epoch, device_of(self.model))):
             inputs = self.batcher(batch, rng)
+            p = self.p_at(position * self.steps_per_epoch + i)  # a function of the step: resume continues it
             with autocast(self.model):
-                terms = self._losses(inputs)
+                terms = self._losses(inputs, p)
+            terms["p"] = torch.tensor(p)
             self.optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             self.optimizer.step()
@@ -269,7 +286,7 @@ class UmiFMethod(Method):
         g = torch.Generator().manual_seed(0)
         s = self.section
         terms = umif_step_losses(self.model, None, inputs, p=float(s.p), tau=float(s.tau), con_weight=0.0,
-                                 generator=g)
+                                 generator=g, r_range=self._r_range())
         self.model.train(was)
         return {"probe_align": round(float(terms["align"]), 6)}
 

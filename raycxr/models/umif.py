@@ -55,12 +55,29 @@ class UmiFImageEncoder(ImageEncoder):
         return f[:, 0], f[:, self.prefix_tokens:]
 
 
-def sample_ratios(n: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The share r of image tokens in group 1 per pair: 1 with probability ``p``, else r ~ U[0, 1]."""
+def sample_ratios(n: int, p: float, generator: torch.Generator | None = None,
+                  r_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """The share r of image tokens in group 1 per pair: 1 with probability ``p``, else r ~ U[lo, hi]
+    (``r_range``; the paper's is [0, 1])."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
+    lo, hi = (float(x) for x in r_range)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"r_range must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(r_range)}")
     one = torch.rand(n, generator=generator) < p
-    return torch.where(one, torch.ones(n), torch.rand(n, generator=generator))
+    return torch.where(one, torch.ones(n), lo + (hi - lo) * torch.rand(n, generator=generator))
+
+
+def scheduled_p(p: float, p_end: float | None, progress: float) -> float:
+    """The r schedule's P(r = 1) at ``progress`` in [0, 1] of the run: ``p`` throughout when ``p_end`` is
+    None (the paper), else linear from ``p`` to ``p_end`` (e.g. 1 → 0.2: CLIP-like first, then grouping)."""
+    for name, v in (("p", p), ("p_end", p_end)):
+        if v is not None and not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"umif.{name} must be in [0, 1], got {v}")
+    if p_end is None:
+        return float(p)
+    t = min(1.0, max(0.0, float(progress)))
+    return float(p) + (float(p_end) - float(p)) * t
 
 
 def _choose(valid: torch.Tensor, k: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

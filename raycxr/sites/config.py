@@ -29,7 +29,7 @@ from ..labels import UNCERTAIN_POLICIES
 from ..manifest import Manifest
 
 _KEYS = {"name", "adapter", "root", "manifest", "description", "adapter_options", "labels", "head",
-         "objective", "placement", "quarantine", "replicas"}
+         "objective", "placement", "quarantine", "replicas", "pair_types"}
 _HEAD_KEYS = {"kind", "hidden"}
 _LABEL_KEYS = {"uncertain_policy"}
 _PLACEMENT_KEYS = {"label_selector", "resources"}
@@ -57,6 +57,7 @@ class SiteConfig:
     placement: dict[str, Any] = field(default_factory=dict)
     quarantine_path: Path | None = None
     replicas: int | None = None  # None: the run's ray.site_replicas
+    pair_types: tuple[str, ...] | None = None  # UmiF pair types this site offers; None: inferred from the manifest
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, data_root: str | Path = ".", source: str = "<dict>") -> SiteConfig:
@@ -115,6 +116,18 @@ class SiteConfig:
         replicas = d.get("replicas")
         if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1):
             raise fail(f"replicas must be a positive integer, got {replicas!r}")
+        pair_types = d.get("pair_types")
+        if pair_types is not None:
+            from ..dataset import PAIR_TYPES
+
+            if (not isinstance(pair_types, list) or not pair_types or len(set(pair_types)) != len(pair_types)
+                    or any(t not in PAIR_TYPES for t in pair_types)):
+                raise fail(f"pair_types must be a non-empty list of distinct pair types from {list(PAIR_TYPES)}, "
+                           f"got {pair_types!r}")
+            if "image-only" in pair_types and len(pair_types) > 1:
+                raise fail("pair_types: image-only means the site offers no supervision to UmiF; it cannot be "
+                           f"combined with {[t for t in pair_types if t != 'image-only']}")
+            pair_types = tuple(pair_types)
         root = Path(d["root"]).expanduser()
         if not root.is_absolute():
             root = Path(data_root) / root
@@ -125,7 +138,8 @@ class SiteConfig:
                    yaml_path=Path(source) if source != "<dict>" else None,
                    description=d.get("description", ""), adapter_options=dict(d.get("adapter_options") or {}),
                    uncertain_policy=policy, head=head,
-                   objective=objective, placement=placement, quarantine_path=quarantine, replicas=replicas)
+                   objective=objective, placement=placement, quarantine_path=quarantine, replicas=replicas,
+                   pair_types=pair_types)
 
     @classmethod
     def load(cls, path: str | Path, *, data_root: str | Path = ".") -> SiteConfig:
@@ -144,7 +158,8 @@ class SiteConfig:
                 "adapter_options": self.adapter_options, "labels": {"uncertain_policy": self.uncertain_policy},
                 "head": self.head, "objective": self.objective, "placement": self.placement,
                 **({"quarantine": str(self.quarantine_path)} if self.quarantine_path else {}),
-                **({"replicas": self.replicas} if self.replicas is not None else {})}
+                **({"replicas": self.replicas} if self.replicas is not None else {}),
+                **({"pair_types": list(self.pair_types)} if self.pair_types is not None else {})}
 
     def resolved(self) -> SiteConfig:
         """The same site with absolute paths: a site actor may run in another working directory or node."""

@@ -49,11 +49,17 @@ class Cell:
 
 # -- the plan ---------------------------------------------------------------------------------------
 def build_rows(cfg: DictConfig) -> list[Row]:
-    """The study's rows; with ``include_registered`` every registered method without a row gets one."""
+    """The study's rows, then those of the named ``ablations`` groups; with ``include_registered`` every
+    registered method without a row gets one."""
     from ..methods import list_methods
 
     rows, names = [], set()
-    for r in OmegaConf.to_container(cfg.rows, resolve=True):
+    groups = OmegaConf.to_container(cfg.get("ablation_rows") or {}, resolve=True)
+    unknown = [g for g in cfg.get("ablations") or [] if g not in groups]
+    if unknown:
+        raise ValueError(f"study ablations {unknown} are not groups of ablation_rows ({sorted(groups)})")
+    extra = [r for g in cfg.get("ablations") or [] for r in groups[g]]
+    for r in [*OmegaConf.to_container(cfg.rows, resolve=True), *extra]:
         unknown = set(r) - {"name", "method", "sites", "backbone", "overrides"}
         if unknown:
             raise ValueError(f"study row {r.get('name', r)}: unknown keys {sorted(unknown)}")
@@ -66,7 +72,7 @@ def build_rows(cfg: DictConfig) -> list[Row]:
         rows.append(Row(r["name"], r.get("method"), tuple(r.get("sites") or cfg.pretrain_sites), backbone,
                         tuple(r.get("overrides") or ())))
     if cfg.include_registered:
-        used = {r.method for r in rows}
+        used = {r.method for r in rows[:len(rows) - len(extra)]}  # an ablation row does not stand for its method
         for m in list_methods():
             if m not in used and m not in cfg.skip_methods:
                 rows.append(Row(m, m, tuple(cfg.pretrain_sites), "cnn"))
