@@ -176,6 +176,16 @@ class UmiFSection:
 
 
 @dataclass
+class AutoscaleSection:
+    min: int = MISSING
+    max: int = MISSING
+    up_wait: float = MISSING
+    down_util: float = MISSING
+    patience: int = MISSING
+    every: int = MISSING
+
+
+@dataclass
 class RaySection:
     address: Optional[str] = MISSING
     num_cpus: Optional[int] = MISSING
@@ -192,8 +202,9 @@ class RaySection:
     prefetch: int = MISSING
     grad_sync: str = MISSING
     bucket_mb: float = MISSING
-    site_replicas: int = MISSING
+    site_replicas: Any = MISSING  # a positive int or "auto"
     site_cpus: float = MISSING
+    autoscale: AutoscaleSection = MISSING
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -559,7 +570,8 @@ RULES: dict[str, dict[str, Any]] = {
         "umif.epochs": 0, "umif.lr": 0.0, "umif.p": 0.0, "umif.p_end": 0.0, "umif.tau": 1e-6, "umif.con_weight": 0.0,
         "umif.momentum": 0.0, "umif.weight_decay": 0.0,
         "ray.num_workers": _POSITIVE, "ray.max_failures": 0, "ray.num_to_keep": _POSITIVE, "ray.prefetch": _POSITIVE,
-        "ray.grad_sync": ("bucketed", "per_tensor"),
+        "ray.grad_sync": ("bucketed", "per_tensor"), "ray.autoscale.min": _POSITIVE, "ray.autoscale.max": _POSITIVE,
+        "ray.autoscale.patience": _POSITIVE, "ray.autoscale.every": _POSITIVE,
         "transforms.cache.dtype": ("uint8", "uint16", "float32"), "ray.bucket_mb": 0.001,
     },
     "eval": {"batch_size": _POSITIVE, "bootstrap": 0, "min_positives": _POSITIVE, "limit": _POSITIVE,

@@ -47,9 +47,12 @@ def test_ark_on_two_train_workers_hands_heads_back_and_resumes(cluster, small_co
     base = ["runner=ray", "method=ark", f"sites.sites_dir={d}", f"sites.data_root={os.path.relpath(small_corpus)}",
             "image_size=64", "batch_size=4", "ark.proj_dim=16", f"out={tmp_path / 'run'}",
             f"ray.storage_path={tmp_path / 'store'}", "ray.num_workers=2", "ray.run_name=t-ark",
-            "max_steps_per_epoch=2"]
+            "max_steps_per_epoch=2", "ray.site_replicas=auto", "ray.autoscale.max=2", "ray.autoscale.every=1"]
     res = run_pretrain_ray(compose("pretrain", [*base, "ark.rounds=1"]))
     assert [h["site"] for h in res["history"]] == ["nih", "siim"]
+    # every site autoscaled: each pool decided on both workers' windows, within its bounds, and logged it
+    log = json.loads((tmp_path / "run" / "autoscale.json").read_text())
+    assert set(log) == {"nih", "siim"} and all(d and all(1 <= x["replicas"] <= 2 for x in d) for d in log.values())
     assert res["ray_checkpoint"] is not None and res["metrics"]["site"] == "siim"
     head = ray.get(res["actors"]["nih"].get_head.remote())
     assert head["version"] == 2 and head["state"]["weight"].shape == (14, 16)

@@ -9,7 +9,13 @@ ray = pytest.importorskip("ray")
 from raycxr.config import compose  # noqa: E402
 from raycxr.sites.config import SiteConfigError  # noqa: E402
 from raycxr.train.local import select_sites  # noqa: E402
-from raycxr.train.ray_launch import site_replicas, start_site_actors, start_site_replicas  # noqa: E402
+from raycxr.train.ray_launch import (  # noqa: E402
+    replica_policy,
+    site_replicas,
+    start_site_actors,
+    start_site_pools,
+    start_site_replicas,
+)
 from raycxr.train.ray_runner import ActorData  # noqa: E402
 
 
@@ -37,6 +43,19 @@ def test_replicas_come_from_the_site_yaml_or_the_run(tmp_path, small_corpus):
     assert site_replicas(cfg, select_sites(cfg)["vindr"]) == 2
     with pytest.raises(SiteConfigError, match="replicas must be a positive integer"):
         select_sites(compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, 0)}"]))
+    # autoscaled: `auto` takes the run's bounds, {min, max} its own; a fixed count has no policy
+    cfg = compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, 'auto')}", "ray.autoscale.max=3"])
+    site = select_sites(cfg)["vindr"]
+    assert site_replicas(cfg, site) == 1 and replica_policy(cfg, site).max_replicas == 3
+    cfg = compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, {'min': 2, 'max': 5})}"])
+    p = replica_policy(cfg, select_sites(cfg)["vindr"])
+    assert (p.min_replicas, p.max_replicas) == (2, 5) and site_replicas(cfg, select_sites(cfg)["vindr"]) == 2
+    cfg = compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, 2)}", "ray.site_replicas=auto"])
+    assert replica_policy(cfg, select_sites(cfg)["vindr"]) is None  # the site's own count wins
+    with pytest.raises(SiteConfigError, match="min must not exceed max"):
+        select_sites(compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, {'min': 3, 'max': 2})}"]))
+    with pytest.raises(ValueError, match="ray.site_replicas must be"):
+        site_replicas(compose("pretrain", ["ray.site_replicas=0"]), site)
 
 
 @pytest.mark.ray
@@ -79,3 +98,26 @@ def test_two_replicas_serve_disjoint_complete_batches_and_share_the_decode_cache
     assert not torch.equal(a["image"], b["image"])
     a, b = ray.get([p.batch.remote([0], train=False, **kw) for p in pools["vindr"]])
     assert torch.equal(a["image"], b["image"])
+
+
+@pytest.mark.ray
+def test_an_autoscaled_site_grows_when_its_consumer_waits(cluster, tmp_path, small_corpus):
+    """A consumer that only takes batches waits for every one: the pool adds replicas up to its max, the new
+    replica serves, and every image still comes exactly once."""
+    cfg = compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, {'min': 1, 'max': 2})}",
+                               "image_size=32", "batch_size=2", "ray.prefetch=1", "ray.autoscale.every=2"])
+    sites = select_sites(cfg)
+    pools = start_site_replicas(cfg, sites, "t-auto")
+    assert len(pools["vindr"]) == 1
+    scalers = start_site_pools(cfg, sites, "t-auto", pools)
+    data = ActorData(cfg, {"vindr": pools["vindr"][0]}, 0, 1, replicas=pools, scalers=scalers)
+    stream = data.union_loader()
+    stream.drop_last = False
+    n = ray.get(pools["vindr"][0].num_items.remote(data.union_names))
+    seen = [i for b in stream for i in b["image_id"]]
+    assert len(seen) == len(set(seen)) == n
+    log = ray.get(scalers["vindr"].log.remote())
+    assert log[0]["was"] == 1 and log[0]["replicas"] == 2 and log[0]["wait_frac"] > 0.1
+    assert stream.active == [2] and len(stream.pools[0]) == 2
+    assert {r for _, r, _ in stream.served} == {0, 1}  # the new replica served part of the pass
+    assert stream.prefetch == 2  # the window in flight grew with the pool

@@ -9,10 +9,12 @@ A site may serve from several replicas (``replicas:`` in its YAML, or ``ray.site
 same actor started N times with the same placement, so decoding and augmentation run in N processes
 on the site's nodes. Replica 0 is the named actor ``raycxr/<run>/<site>`` that also keeps the head;
 the others (``raycxr/<run>/<site>#<r>``) only serve batches, each with its own augmentation stream.
+``replicas: auto`` grows and shrinks that pool from the consumers' demand (:mod:`raycxr.sites.autoscale`).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ class SiteActorImpl:
                  head_dir: str | None = None, replica: int = 0) -> None:
         self.site, self.replica = site, int(replica)
         self.served = 0  # images this actor has served (transformed)
+        self.busy_s = 0.0  # seconds spent serving them
         self.manifest = self.site.load_manifest()
         self.transforms, self.site_index, self.seed = transforms, site_index, seed
         self.quarantine = Quarantine(self.site.quarantine_path, site=self.site.name)
@@ -76,17 +79,21 @@ class SiteActorImpl:
         return len(self._dataset("n", union_names, False, False, split))
 
     def batch(self, indices: list[int], *, union_names: tuple[str, ...] | None = None, train: bool = True,
-              second_view: bool | str = False, split: str = "train") -> dict | None:
-        """Transformed, collated samples; unreadable ones are quarantined here and left out."""
+              second_view: bool | str = False, split: str = "train", timed: bool = False) -> dict | None:
+        """Transformed, collated samples; unreadable ones are quarantined here and left out. ``timed``:
+        ``{"batch": ..., "serve_s": seconds}``, the serve time a stream needs for autoscaling."""
+        t0 = time.perf_counter()
         ds = self._dataset("b", union_names, train, second_view, split)
         out = collate_skip_none([ds[i] for i in indices])
         self.served += 0 if out is None else len(out["image"])
-        return out
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        return {"batch": out, "serve_s": dt} if timed else out
 
     def stats(self) -> dict[str, Any]:
         """What this replica did: images served, and its decode cache's hits and misses (if any)."""
         caches = {id(d.cache): d.cache for d in self.datasets.values() if d.cache is not None}
-        return {"replica": self.replica, "served": self.served,
+        return {"replica": self.replica, "served": self.served, "busy_s": round(self.busy_s, 4),
                 "cache": {k: sum(c.stats[k] for c in caches.values()) for k in ("hits", "misses", "rebuilt")}
                 if caches else None}
 

@@ -56,7 +56,7 @@ class SiteConfig:
     objective: str = "supervised"
     placement: dict[str, Any] = field(default_factory=dict)
     quarantine_path: Path | None = None
-    replicas: int | None = None  # None: the run's ray.site_replicas
+    replicas: int | str | dict | None = None  # N, "auto" or {min, max}; None: the run's ray.site_replicas
     pair_types: tuple[str, ...] | None = None  # UmiF pair types this site offers; None: inferred from the manifest
 
     @classmethod
@@ -114,8 +114,15 @@ class SiteConfig:
         if "hidden" in head and (head.get("kind") != "mlp" or not isinstance(hidden, int) or hidden < 1):
             raise fail("head.hidden must be a positive integer, and only for head: {kind: mlp}")
         replicas = d.get("replicas")
-        if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1):
-            raise fail(f"replicas must be a positive integer, got {replicas!r}")
+        if isinstance(replicas, dict):  # autoscaled within bounds
+            if set(replicas) - {"min", "max"} or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                        for v in replicas.values()):
+                raise fail(f"replicas: {{min: N, max: M}} takes positive integers, got {replicas!r}")
+            if replicas.get("min", 1) > replicas.get("max", replicas.get("min", 1)):
+                raise fail(f"replicas: min must not exceed max, got {replicas!r}")
+        elif replicas is not None and replicas != "auto" and (
+                not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1):
+            raise fail(f"replicas must be a positive integer, auto, or {{min: N, max: M}}, got {replicas!r}")
         pair_types = d.get("pair_types")
         if pair_types is not None:
             from ..dataset import PAIR_TYPES

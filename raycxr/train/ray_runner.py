@@ -34,7 +34,7 @@ from ..methods import get_method, import_plugins
 from .driver import Run, train_method
 from .grad_sync import BucketedGradSync, GradAllReduce
 from .local import select_sites, val_enabled
-from .ray_launch import absolute_paths, build_trainer, init_ray, start_site_replicas
+from .ray_launch import absolute_paths, build_trainer, init_ray, start_site_pools, start_site_replicas
 
 
 def merge_batches(parts: list[dict]) -> dict | None:
@@ -69,22 +69,66 @@ class ActorStream:
         prefetch: requests in flight per replica.
         drop_last: leave out the last, partial batch.
         replicas: per site, the actors that serve its batches (default: ``[actor]``).
+        scalers: per site, its autoscaling pool actor (:mod:`raycxr.sites.autoscale`) or None; every
+            ``scale_every`` batches the stream reports how long it waited for each such site and how long
+            its replicas served, and routes to the pool the answer names.
         **batch_kw: passed to ``SiteActorImpl.batch`` (``union_names``, ``train``, ``split``...).
     """
 
     def __init__(self, actors: list, sizes: list[int], batch_size: int, *, seed: int, rank: int = 0,
                  world: int = 1, prefetch: int = 4, drop_last: bool = True, replicas: list[list] | None = None,
-                 **batch_kw: Any) -> None:
+                 scalers: list | None = None, scale_every: int = 20, **batch_kw: Any) -> None:
         self.actors, self.sizes, self.batch_size = actors, sizes, batch_size
         self.pools = [list(p) for p in replicas] if replicas else [[a] for a in actors]
+        self.active = [len(p) for p in self.pools]  # the first active[a] replicas of site a serve
+        self.scalers = list(scalers) if scalers and any(x is not None for x in scalers) else None
+        self.scale_every = max(1, int(scale_every))
         self.seed, self.rank, self.world = seed, rank, world
-        self.prefetch = max(1, prefetch) * max(len(p) for p in self.pools) if self.pools else max(1, prefetch)
+        self.prefetch_per_replica = max(1, prefetch)
         self.drop_last, self.batch_kw = drop_last, batch_kw
         self.epoch = 0
         self.inflight = [[0] * len(p) for p in self.pools]
         self._turn = [0] * len(self.pools)
         self.served: list[tuple[int, int, list[int]]] = []  # this pass's requests: (site, replica, indices)
         self.waited = 0.0  # seconds the consumer waited for batches in this pass
+        self._window()
+
+    @property
+    def prefetch(self) -> int:
+        """Requests in flight: ``prefetch`` per replica of the widest site (grows with its pool)."""
+        return self.prefetch_per_replica * max(self.active or [1])
+
+    def _window(self) -> None:
+        """Start an autoscaling window: per site, seconds waited for it and its replicas' serve seconds."""
+        self._win_start, self._win_batches = time.perf_counter(), 0
+        self._win_wait = [0.0] * len(self.pools)
+        self._win_busy = [0.0] * len(self.pools)
+
+    def _apply(self, a: int, handles: list, active: int) -> None:
+        """A site's pool as its scaler has it now: new replicas are appended (order is stable)."""
+        for h in handles[len(self.pools[a]):]:
+            self.pools[a].append(h)
+            self.inflight[a].append(0)
+        self.active[a] = max(1, min(int(active), len(self.pools[a])))
+
+    def _refresh(self) -> None:
+        import ray
+
+        if self.scalers:
+            got = ray.get([sc.handles.remote() for sc in self.scalers if sc is not None])
+            for a, (handles, active) in zip([a for a, sc in enumerate(self.scalers) if sc is not None], got):
+                self._apply(a, handles, active)
+
+    def _report(self) -> None:
+        """This window's demand to each autoscaled site's pool; its answer is the pool from now on."""
+        import ray
+
+        elapsed = time.perf_counter() - self._win_start
+        sites = [a for a, sc in enumerate(self.scalers or []) if sc is not None]
+        got = ray.get([self.scalers[a].report.remote(self._win_wait[a], elapsed, self._win_busy[a]) for a in sites])
+        for a, (handles, active) in zip(sites, got):
+            self._apply(a, handles, active)
+        self._window()
 
     def set_epoch(self, epoch: int) -> None:
         """The next pass's order is a function of (seed, epoch), as for the local loaders."""
@@ -100,8 +144,8 @@ class ActorStream:
         return chunks[:n_even][self.rank::self.world]
 
     def _replica(self, a: int) -> int:
-        """The least busy replica of site ``a`` (ties: the next in turn)."""
-        n = len(self.pools[a])
+        """The least busy active replica of site ``a`` (ties: the next in turn)."""
+        n = self.active[a]
         r = min(range(n), key=lambda r: (self.inflight[a][r], (r - self._turn[a]) % n))
         self._turn[a] = (r + 1) % n
         return r
@@ -115,32 +159,45 @@ class ActorStream:
             r = self._replica(a)
             self.inflight[a][r] += 1
             self.served.append((a, r, idx))
-            out.append((a, r, self.pools[a][r].batch.remote(idx, **self.batch_kw)))
+            out.append((a, r, self.pools[a][r].batch.remote(idx, timed=True, **self.batch_kw)))
         return out
 
     def __iter__(self) -> Iterator[dict | None]:
         import ray
 
+        self._refresh()
         chunks = self._chunks()
         self.epoch += 1
         self.served, self.waited = [], 0.0
+        self._window()
         pending: deque = deque()
         it = iter(chunks)
-        for chunk in it:
-            pending.append(self._request(chunk))
-            if len(pending) >= self.prefetch:
-                break
         try:
-            while pending:
-                parts = pending[0]
-                nxt = next(it, None)
-                if nxt is not None:
+            while True:
+                while len(pending) < self.prefetch:  # back-pressure: a bounded window in flight
+                    nxt = next(it, None)
+                    if nxt is None:
+                        break
                     pending.append(self._request(nxt))
+                if not pending:
+                    break
+                parts = pending[0]
+                refs = [ref for _, _, ref in parts]
                 t0 = time.perf_counter()
-                got = ray.get([ref for _, _, ref in parts])
-                self.waited += time.perf_counter() - t0
+                late = set(ray.wait(refs, num_returns=len(refs), timeout=0)[1]) if self.scalers else set()
+                got = ray.get(refs)
+                dt = time.perf_counter() - t0
+                self.waited += dt
+                slow = {a for a, _, ref in parts if ref in late}  # the sites this batch waited for
+                for a in slow:
+                    self._win_wait[a] += dt / len(slow)
+                for (a, _, _), g in zip(parts, got):
+                    self._win_busy[a] += float(g["serve_s"])
                 self._done(pending.popleft())
-                yield merge_batches(got)
+                self._win_batches += 1
+                if self.scalers and self._win_batches >= self.scale_every:
+                    self._report()
+                yield merge_batches([g["batch"] for g in got])
         finally:  # a consumer that stops early (max_steps_per_epoch) leaves requests behind: not in flight for us
             while pending:
                 self._done(pending.popleft())
@@ -157,10 +214,11 @@ class ActorData:
     """The data plane inside a Train worker: site actors instead of local datasets."""
 
     def __init__(self, cfg: DictConfig, actors: dict[str, Any], rank: int, world: int,
-                 replicas: dict[str, list[Any]] | None = None) -> None:
+                 replicas: dict[str, list[Any]] | None = None, scalers: dict[str, Any] | None = None) -> None:
         import ray
 
         self.cfg, self.actors, self.rank, self.world = cfg, actors, rank, world
+        self.scalers = dict(scalers or {})
         self.replicas = {n: list((replicas or {}).get(n) or [a]) for n, a in actors.items()}
         self.info = dict(zip(actors, ray.get([a.info.remote() for a in actors.values()])))
         self.label_names = {n: list(i["label_names"]) for n, i in self.info.items()}
@@ -177,7 +235,9 @@ class ActorData:
         sizes = ray.get([self.actors[n].num_items.remote(union_names) for n in names])
         return ActorStream([self.actors[n] for n in names], sizes, self.cfg.batch_size, seed=int(self.cfg.seed),
                            rank=self.rank, world=self.world, prefetch=int(self.cfg.ray.prefetch),
-                           replicas=[self.replicas[n] for n in names], **kw)
+                           replicas=[self.replicas[n] for n in names],
+                           scalers=[self.scalers.get(n) for n in names],
+                           scale_every=int(OmegaConf.select(self.cfg, "ray.autoscale.every", default=20)), **kw)
 
     def union_loader(self, second_view: bool | str = False) -> ActorStream:
         return self._stream(list(self.actors), union_names=self.union_names, second_view=second_view)
@@ -290,12 +350,16 @@ def train_loop_per_worker(config: dict) -> None:
             resume = Checkpoint.load(Path(d) / FILENAME)
     elif cfg.get("resume"):
         resume = Checkpoint.load(cfg.resume)
-    data = ActorData(cfg, config["actors"], rank, world, replicas=config.get("replicas"))
+    data = ActorData(cfg, config["actors"], rank, world, replicas=config.get("replicas"),
+                     scalers=config.get("scalers"))
     train_method(cfg, sites, RayRun(cfg.out, rank), resume, data, config.get("method_cls"))
 
 
 def run_pretrain_ray(cfg: DictConfig, method_cls: type | None = None) -> dict[str, Any]:
-    """Start (or join) a Ray cluster, start the site actors, fit the TorchTrainer."""
+    """Start (or join) a Ray cluster, start the site actors (and the pools of autoscaled sites), fit the
+    TorchTrainer."""
+    import ray
+
     import_plugins(cfg.get("plugins"))
     method_cls = method_cls or get_method(cfg.method)
     r = cfg.ray
@@ -303,12 +367,17 @@ def run_pretrain_ray(cfg: DictConfig, method_cls: type | None = None) -> dict[st
     sites = select_sites(cfg)
     absolute_paths(cfg)
     replicas = start_site_replicas(cfg, sites, r.run_name)
+    scalers = start_site_pools(cfg, sites, r.run_name, replicas, consumers=int(r.num_workers))
     actors = {n: pool[0] for n, pool in replicas.items()}
     trainer = build_trainer(cfg, actors, train_loop_per_worker, name=r.run_name, storage=Path(r.storage_path).resolve(),
-                            method_cls=method_cls, replicas=replicas)
+                            method_cls=method_cls, replicas=replicas, scalers=scalers)
     result = trainer.fit()
+    autoscale = {n: ray.get(p.log.remote()) for n, p in scalers.items()}
+    if autoscale:  # every decision of every autoscaled site, beside the run's metrics
+        (Path(cfg.out) / "autoscale.json").write_text(json.dumps(autoscale, indent=1))
     metrics = Path(cfg.out) / "metrics.jsonl"
     history = [json.loads(line) for line in open(metrics)] if metrics.exists() else []
     return {"history": [h for h in history if h.get("position", 0) >= 0], "checkpoint": str(Path(cfg.out) / FILENAME),
             "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "metrics": result.metrics, "sites": list(sites), "actors": actors, "replicas": replicas}
+            "metrics": result.metrics, "sites": list(sites), "actors": actors, "replicas": replicas,
+            "autoscale": autoscale}

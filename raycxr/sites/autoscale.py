@@ -1,0 +1,150 @@
+"""A site's replicas, autoscaled from its consumers' demand (``replicas: auto`` / ``ray.site_replicas: auto``).
+
+Every Train worker's :class:`~raycxr.train.ray_runner.ActorStream` measures, over a window of batches,
+how long it waited for this site's part of a batch and how long each replica spent serving it (the
+replica sends its serve time back with the batch, so nobody has to ask a busy actor). It reports that
+window to the site's pool actor (``raycxr/<run>/<site>@pool``), which decides once every consumer has
+reported (:func:`scale_decision`):
+
+- **up** by one replica, up to ``max``, when a consumer waited more than ``up_wait`` of the window for
+  this site: the trainer is starved and the site is the reason;
+- **down** by one, to no fewer than ``min``, after ``patience`` windows in a row in which nobody
+  waited and the replicas would stay under ``down_util`` busy with one fewer.
+
+Replicas start with the site's ``placement`` (as every replica does), so pixels stay on the site's
+nodes. A retired replica (always the newest, never replica 0, which keeps the head) only stops getting
+requests: it stays idle until it is needed again or the run ends, so no request in flight is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ScalePolicy:
+    """When a site's pool grows or shrinks.
+
+    Args:
+        min_replicas, max_replicas: the bounds (the site starts at ``min_replicas``).
+        up_wait: a consumer that waited more than this share of its window for the site adds a replica.
+        down_util: with nobody waiting, retire one when ``n - 1`` replicas would be less busy than this.
+        patience: windows in a row that must all say "down" before one replica retires.
+        every: batches per consumer window (the report interval).
+    """
+
+    min_replicas: int = 1
+    max_replicas: int = 4
+    up_wait: float = 0.10
+    down_util: float = 0.5
+    patience: int = 3
+    every: int = 20
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"site autoscaling: need 1 <= min ({self.min_replicas}) <= max ({self.max_replicas})")
+        if not 0 < self.up_wait < 1 or not 0 < self.down_util < 1:
+            raise ValueError("site autoscaling: up_wait and down_util must be in (0, 1)")
+        if self.patience < 1 or self.every < 1:
+            raise ValueError("site autoscaling: patience and every must be >= 1")
+
+
+def scale_decision(n: int, policy: ScalePolicy, wait_frac: float, busy_frac: float, low_windows: int) -> int:
+    """The replica count after one decision.
+
+    Args:
+        n: replicas serving now.
+        wait_frac: the largest share of a window any consumer spent waiting for this site.
+        busy_frac: the replicas' mean busy share over the window (serve seconds / (window × n)).
+        low_windows: windows in a row, this one included, that qualified for a scale-down.
+    """
+    if wait_frac > policy.up_wait and n < policy.max_replicas:
+        return n + 1
+    if low_windows >= policy.patience and n > policy.min_replicas and wants_fewer(n, policy, wait_frac, busy_frac):
+        return n - 1
+    return n
+
+
+def wants_fewer(n: int, policy: ScalePolicy, wait_frac: float, busy_frac: float) -> bool:
+    """A window that qualifies for a scale-down: (almost) no waiting, and ``n - 1`` replicas would do."""
+    return n > 1 and wait_frac <= policy.up_wait / 10 and busy_frac * n / (n - 1) < policy.down_util
+
+
+class ReplicaScaler:
+    """The pool's logic, plain Python so it is testable without Ray (``SitePool`` wraps it).
+
+    Args:
+        replicas: the replicas started with the run (replica 0 first).
+        start_replica: starts replica ``r`` (placed like the site) and returns its handle.
+        policy: the bounds and thresholds.
+        consumers: how many streams report (the Train workers); a decision waits for all of them.
+    """
+
+    def __init__(self, replicas: list[Any], start_replica: Callable[[int], Any], policy: ScalePolicy,
+                 consumers: int = 1) -> None:
+        self.replicas, self.start_replica, self.policy = list(replicas), start_replica, policy
+        self.active = max(policy.min_replicas, min(len(self.replicas), policy.max_replicas))
+        while len(self.replicas) < self.active:
+            self.replicas.append(self.start_replica(len(self.replicas)))
+        self.consumers = max(1, int(consumers))
+        self.low = 0
+        self._reports: list[tuple[float, float, float]] = []
+        self.history: list[dict[str, Any]] = []  # every decision: for the run's log and the tests
+
+    def handles(self) -> tuple[list[Any], int]:
+        """Every replica started so far (in order) and how many of them serve: the first ``active``."""
+        return list(self.replicas), self.active
+
+    def report(self, waited_s: float, elapsed_s: float, busy_s: float) -> tuple[list[Any], int]:
+        """One consumer's window: seconds it waited for the site, the window's length, and the seconds
+        the site's active replicas spent serving its requests. Decides once every consumer reported."""
+        self._reports.append((float(waited_s), max(float(elapsed_s), 1e-9), float(busy_s)))
+        if len(self._reports) >= self.consumers:
+            wait = max(w / e for w, e, _ in self._reports)
+            span = max(e for _, e, _ in self._reports)
+            busy = sum(b for _, _, b in self._reports) / (span * self.active)
+            self.low = self.low + 1 if wants_fewer(self.active, self.policy, wait, busy) else 0
+            n = scale_decision(self.active, self.policy, wait, busy, self.low)
+            if n != self.active:
+                self.low = 0
+            while len(self.replicas) < n:
+                self.replicas.append(self.start_replica(len(self.replicas)))
+            self.history.append({"replicas": n, "was": self.active, "wait_frac": round(wait, 4),
+                                 "busy_frac": round(busy, 4)})
+            self.active = n
+            self._reports = []
+        return self.handles()
+
+    def log(self) -> list[dict[str, Any]]:
+        return list(self.history)
+
+
+class SitePool:
+    """The pool actor of one autoscaled site: a :class:`ReplicaScaler` whose new replicas are site actors
+    started from here with the site's placement (this actor owns them, so they live as long as the run)."""
+
+    def __init__(self, site: Any, transforms: dict[str, Any], site_index: int, seed: int, run_name: str,
+                 replicas: list[Any], policy: dict[str, Any], consumers: int = 1, max_restarts: int = 3,
+                 num_cpus: float = 0) -> None:
+        from .actor import start_site_actor
+
+        def start(r: int) -> Any:
+            return start_site_actor(site, transforms=transforms, site_index=site_index, seed=seed,
+                                    run_name=run_name, max_restarts=max_restarts, replica=r, num_cpus=num_cpus)
+
+        self.scaler = ReplicaScaler(replicas, start, ScalePolicy(**policy), consumers)
+
+    def handles(self) -> tuple[list[Any], int]:
+        return self.scaler.handles()
+
+    def report(self, waited_s: float, elapsed_s: float, busy_s: float) -> tuple[list[Any], int]:
+        return self.scaler.report(waited_s, elapsed_s, busy_s)
+
+    def log(self) -> list[dict[str, Any]]:
+        return self.scaler.log()
+
+
+def pool_name(run_name: str, site: str) -> str:
+    return f"{run_name}/{site}@pool"
