@@ -23,6 +23,7 @@ from .labels import UnionLabelSpace, apply_uncertain_policy, canonical_name
 from .manifest import Manifest
 from .quarantine import Quarantine
 from .readers import ImageReadError, read_image, resize
+from .sites.config import PAIR_TYPES, SiteConfigError
 from .transforms import eval_transforms, segmentation_train_transforms, transforms_from_config
 
 if TYPE_CHECKING:
@@ -182,7 +183,6 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
 
 
 # -- UmiF's supervision from a site's own annotations ---------------------------------------------------
-PAIR_TYPES = ("image-report", "image-class", "image-segment", "image-only")
 
 
 def abnormality_intensity(label: str | None) -> float:
@@ -240,8 +240,6 @@ def site_pair_types(manifest: Manifest, declared: Sequence[str] | None = None, *
         return out
     missing = [t for t in declared if t not in out and t != "image-only"]
     if missing:
-        from .sites.config import SiteConfigError
-
         raise SiteConfigError(f"site file {source}: pair_types declares {missing}, but its manifest supplies only "
                               f"{out} (image-report needs reports, image-class labels, image-segment boxes or masks)")
     return list(declared)

@@ -34,6 +34,8 @@ _HEAD_KEYS = {"kind", "hidden"}
 _LABEL_KEYS = {"uncertain_policy"}
 _PLACEMENT_KEYS = {"label_selector", "resources"}
 HEAD_KINDS = ("linear", "mlp")
+# UmiF's pair types (raycxr.dataset.site_pair_types infers them from a manifest; a site YAML may narrow them)
+PAIR_TYPES = ("image-report", "image-class", "image-segment", "image-only")
 
 
 class SiteConfigError(ValueError):
@@ -125,8 +127,6 @@ class SiteConfig:
             raise fail(f"replicas must be a positive integer, auto, or {{min: N, max: M}}, got {replicas!r}")
         pair_types = d.get("pair_types")
         if pair_types is not None:
-            from ..dataset import PAIR_TYPES
-
             if (not isinstance(pair_types, list) or not pair_types or len(set(pair_types)) != len(pair_types)
                     or any(t not in PAIR_TYPES for t in pair_types)):
                 raise fail(f"pair_types must be a non-empty list of distinct pair types from {list(PAIR_TYPES)}, "
