@@ -49,9 +49,7 @@ def replica_policy(cfg: DictConfig, site: SiteConfig) -> ScalePolicy | None:
         return None
     knobs = dict(OmegaConf.to_container(cfg.ray.autoscale, resolve=True)) if cfg.ray.get("autoscale") else {}
     bounds = dict(spec) if isinstance(spec, dict) else {}
-    lo, hi = bounds.get("min", knobs.pop("min", 1)), bounds.get("max", knobs.pop("max", 4))
-    knobs.pop("min", None)
-    knobs.pop("max", None)
+    lo, hi = bounds.get("min", knobs.pop("min", 1)), bounds.get("max", knobs.pop("max", 4))  # the pops always run
     return ScalePolicy(min_replicas=int(lo), max_replicas=int(hi), **knobs)
 
 
