@@ -35,7 +35,6 @@ from .base import (
     Pretrained,
     Unit,
     adamw,
-    attach_schedule,
     autocast,
     check_resume,
     device_of,
@@ -266,13 +265,9 @@ class ArkMethod(Method):
                                   weight_decay=a.weight_decay)
         else:
             opt = adamw(trainable, a.lr, a.weight_decay)
-        self.optimizer = self.data.distribute(opt)
-        same = resume is not None and bool(resume.optimizer) and resume.meta.get("site_classes") == self.site_classes
-        if same:
-            self.optimizer.load_state_dict(resume.optimizer)
         total = sum(steps_per_unit(self.loaders[u.fields["site"]], self.cfg) for u in self.schedule)
-        self.lr_schedule = attach_schedule(self.optimizer, self.cfg, total,
-                                           int(resume.meta.get("lr_step") or 0) if same else 0)
+        self.use_optimizer(opt, total, resume,
+                           restore=resume is not None and resume.meta.get("site_classes") == self.site_classes)
         return start
 
     def units(self) -> list[Unit]:

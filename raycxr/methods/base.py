@@ -89,6 +89,20 @@ class Method:
         """The whole schedule (positions index into it)."""
         raise NotImplementedError
 
+    def use_optimizer(self, optimizer: Any, total_steps: int, resume: Checkpoint | None,
+                      restore: bool = True) -> bool:
+        """Make ``optimizer`` the run's: distributed over the data plane (gradient sync under Ray), its state
+        restored from ``resume`` when ``restore`` says the saved state fits (same parameters, same stage),
+        and the run's ``schedule`` over ``total_steps`` steps, continued from the saved step. Returns
+        whether the state was restored."""
+        self.optimizer = self.data.distribute(optimizer)
+        same = resume is not None and bool(resume.optimizer) and bool(restore)
+        if same:
+            self.optimizer.load_state_dict(resume.optimizer)
+        self.lr_schedule = attach_schedule(self.optimizer, self.cfg, int(total_steps),
+                                           int(resume.meta.get("lr_step") or 0) if same else 0)
+        return same
+
     def start_unit(self, unit: Unit, position: int) -> None:
         """Before a unit: switch stage, build the stage's optimiser... (default: nothing)."""
 

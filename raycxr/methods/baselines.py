@@ -29,7 +29,6 @@ from .base import (
     Pretrained,
     Unit,
     adamw,
-    attach_schedule,
     autocast,
     check_resume,
     device_of,
@@ -106,12 +105,8 @@ class _Epochs(Method):
                    unit_steps: int) -> None:
         """AdamW, restored from ``resume`` when the parameters kept their shapes, with the run's schedule
         over ``epochs × unit_steps`` steps."""
-        self.optimizer = self.data.distribute(adamw(params, self.section.lr, self.section.weight_decay))
-        same = resume is not None and bool(resume.optimizer) and same_shapes
-        if same:
-            self.optimizer.load_state_dict(resume.optimizer)
-        self.lr_schedule = attach_schedule(self.optimizer, self.cfg, int(self.section.epochs) * unit_steps,
-                                           int(resume.meta.get("lr_step") or 0) if same else 0)
+        self.use_optimizer(adamw(params, self.section.lr, self.section.weight_decay),
+                           int(self.section.epochs) * unit_steps, resume, restore=same_shapes)
 
 
 @register_method

@@ -33,7 +33,6 @@ from .base import (
     Pretrained,
     Unit,
     adamw,
-    attach_schedule,
     autocast,
     check_resume,
     device_of,
@@ -120,13 +119,8 @@ class SelfSupMethod(Method):
         place(self.cfg, self.model, self.text, self.momentum_encoder)
         self.loader = self.data.union_loader(second_view="augmented")
         params = list(self.model.parameters()) + (list(self.text.parameters()) if self.text is not None else [])
-        self.optimizer = self.data.distribute(adamw(params, float(s.lr), float(s.weight_decay)))
-        same = resume is not None and bool(resume.optimizer)
-        if same:
-            self.optimizer.load_state_dict(resume.optimizer)
-        self.lr_schedule = attach_schedule(self.optimizer, self.cfg,
-                                           int(s.epochs) * steps_per_unit(self.loader, self.cfg),
-                                           int(resume.meta.get("lr_step") or 0) if same else 0)
+        self.use_optimizer(adamw(params, float(s.lr), float(s.weight_decay)),
+                           int(s.epochs) * steps_per_unit(self.loader, self.cfg), resume)
         return resume.position if resume is not None else 0
 
     def units(self) -> list[Unit]:

@@ -43,7 +43,6 @@ from .base import (
     Pretrained,
     Unit,
     adamw,
-    attach_schedule,
     autocast,
     check_resume,
     device_of,
@@ -224,16 +223,11 @@ class UmiFMethod(Method):
                                    prompt=str(s.prompt), negative=str(s.negative_prompt))
         self.loader = self.data.union_loader(second_view="annotation")  # masks rendered inside each site
         self.probe_batch = self.data.probe()
-        self.optimizer = self.data.distribute(adamw(self.model.parameters(), float(s.lr), float(s.weight_decay)))
-        same = resume is not None and bool(resume.optimizer)
-        if same:
-            self.optimizer.load_state_dict(resume.optimizer)
         self.steps_per_epoch = steps_per_unit(self.loader, self.cfg)
         self.total_steps = int(s.epochs) * self.steps_per_epoch
         self.p_at(0)  # a bad p / p_end fails here, not mid-run
         self._r_range()
-        self.lr_schedule = attach_schedule(self.optimizer, self.cfg, self.total_steps,
-                                           int(resume.meta.get("lr_step") or 0) if same else 0)
+        self.use_optimizer(adamw(self.model.parameters(), float(s.lr), float(s.weight_decay)), self.total_steps, resume)
         return resume.position if resume is not None else 0
 
     def units(self) -> list[Unit]:

@@ -34,7 +34,6 @@ from .base import (
     Pretrained,
     Unit,
     adamw,
-    attach_schedule,
     autocast,
     check_resume,
     clone_state,
@@ -215,15 +214,11 @@ class UniChestMethod(Method):
         if unit.stage == "divide" and position == u.conquer_epochs and u.get("divide_from", "best") == "best":
             self._load_best_conquer()
         self.model.set_stage(unit.stage)
-        self.optimizer = self.data.distribute(adamw(list(self.model.parameters()) + list(self.text.parameters()),
-                                                    u.lr, u.weight_decay))
         r = self.resume
-        same = r is not None and r.meta.get("stage") == unit.stage and bool(r.optimizer)
-        if same:
-            self.optimizer.load_state_dict(r.optimizer)
         n_stage = sum(1 for x in self.schedule if x.stage == unit.stage)
-        self.lr_schedule = attach_schedule(self.optimizer, self.cfg, n_stage * steps_per_unit(self.loader, self.cfg),
-                                           int(r.meta.get("lr_step") or 0) if same else 0)
+        self.use_optimizer(adamw(list(self.model.parameters()) + list(self.text.parameters()), u.lr, u.weight_decay),
+                           n_stage * steps_per_unit(self.loader, self.cfg), r,
+                           restore=r is not None and r.meta.get("stage") == unit.stage)
         self.opt_stage = unit.stage
 
     def _load_best_conquer(self) -> None:
