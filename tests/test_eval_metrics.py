@@ -299,3 +299,32 @@ def test_contrast_bootstrap_by_hand():
     assert dd["estimate"] == pytest.approx((1 - 0.75) - (1 - 0))
     with pytest.raises(ValueError, match="do not match"):
         M.contrast_bootstrap([([(1.0, [a1[:3]])], y, m)])
+
+
+def test_contrast_bootstrap_equals_resampling_the_rows_draw_by_draw():
+    # the vectorised draws against the definition: resample the rows, rank-AUC each draw, skip degenerate ones
+    rng = np.random.default_rng(3)
+    n, c = 40, 3
+    y = (rng.random((n, c)) < 0.3).astype(float)
+    m = (rng.random((n, c)) < 0.85).astype(float)
+    ties = np.round(rng.random((n, c)), 1)  # coarse scores: many ties, which count one half
+    a = [ties, rng.random((n, c))]
+    b = [rng.random((n, c))]
+    strata = [([(1.0, a), (-1.0, b)], y, m), ([(1.0, a[:1]), (-1.0, b)], y[::-1], m[::-1])]
+    n_boot, seed = 60, 5
+    res = M.contrast_bootstrap(strata, n_boot=n_boot, seed=seed)
+    draws = [M._resample_indices(n, n_boot, seed + k) for k in range(2)]
+    values = []
+    for i in range(n_boot):
+        per = []
+        for (terms, t, mm), d in zip(strata, draws):
+            idx = d[i]
+            tb, mb = t[idx] > 0.5, mm[idx] > 0
+            if not M.evaluable_classes(tb, mb).all():
+                break
+            per.append(sum(w * np.mean([np.mean([M._rank_auc(tb[mb[:, j], j], p[idx][mb[:, j], j])
+                                                 for j in range(c)]) for p in seeds]) for w, seeds in terms))
+        else:
+            values.append(np.mean(per))
+    assert 0 < len(values) == res["n_valid"]
+    assert res["ci"] == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])), abs=1e-12)
