@@ -183,6 +183,7 @@ class AutoscaleSection:
     down_util: float = MISSING
     patience: int = MISSING
     every: int = MISSING
+    min_gain: float = 0.1
 
 
 @dataclass
@@ -492,6 +493,7 @@ class StudyDownstreamSection:
     epochs: int = MISSING
     max_steps: Optional[int] = MISSING
     batch_size: int = MISSING
+    cache: bool = False
     lr: float = MISSING
     head_lr: float = MISSING
     min_images: int = MISSING

@@ -1,5 +1,7 @@
 """A site served by two replicas on a real local Ray cluster (no Train run: the actors and the stream only)."""
 
+import time
+
 import pytest
 import torch
 import yaml
@@ -114,10 +116,18 @@ def test_an_autoscaled_site_grows_when_its_consumer_waits(cluster, tmp_path, sma
     stream = data.union_loader()
     stream.drop_last = False
     n = ray.get(pools["vindr"][0].num_items.remote(data.union_names))
-    seen = [i for b in stream for i in b["image_id"]]
-    assert len(seen) == len(set(seen)) == n
-    log = ray.get(scalers["vindr"].log.remote())
-    assert log[0]["was"] == 1 and log[0]["replicas"] == 2 and log[0]["wait_frac"] > 0.1
-    assert stream.active == [2] and len(stream.pools[0]) == 2
-    assert {r for _, r, _ in stream.served} == {0, 1}  # the new replica served part of the pass
-    assert stream.prefetch == 2  # the window in flight grew with the pool
+    served: set[int] = set()
+    deadline = time.monotonic() + 120  # a pass takes well under a second; a new replica's process seconds
+    while True:  # passes until the new replica is up, has served and its step up was judged
+        seen = [i for b in stream for i in b["image_id"]]
+        assert len(seen) == len(set(seen)) == n  # every pass: every image exactly once, whatever the pool did
+        log = ray.get(scalers["vindr"].log.remote())
+        served |= {r for _, r, _ in stream.served}
+        if served == {0, 1} and any(h["reason"] in ("hold", "no gain") for h in log[1:]):
+            break
+        assert time.monotonic() < deadline, log[-3:]
+    assert log[0]["was"] == 1 and log[0]["replicas"] == 2 and log[0]["wait_frac"] > 0.1 and log[0]["reason"] == "up"
+    assert len(stream.pools[0]) == 2 and served == {0, 1}  # the new replica served
+    # kept when the pass got >= 10 % faster (it should on 2 idle cores), else undone: the stream follows the pool
+    undone = any(h["reason"] == "no gain" for h in log)
+    assert stream.active == ([1] if undone else [2]) and stream.prefetch == stream.active[0]

@@ -9,11 +9,20 @@ reported (:func:`scale_decision`):
 - **up** by one replica, up to ``max``, when a consumer waited more than ``up_wait`` of the window for
   this site: the trainer is starved and the site is the reason;
 - **down** by one, to no fewer than ``min``, after ``patience`` windows in a row in which nobody
-  waited and the replicas would stay under ``down_util`` busy with one fewer.
+  waited and the replicas would stay under ``down_util`` busy with one fewer;
+- **back** by one when a replica it added did not help: if, a window after the step up (the new
+  replica's start-up is not held against it), the consumers' window did not get at least ``min_gain``
+  faster (batches per second) and they still wait, the cluster has no room for it (every core already
+  busy, as on a laptop), so the newest retires and the pool does not grow past that count again in this
+  run. Throughput, not the share of time waited, is the test: a consumer with little work of its own
+  waits most of every window however fast the site serves. This is what makes ``auto`` safe as the
+  default: a pool grows only while growing feeds the trainer.
 
 Replicas start with the site's ``placement`` (as every replica does), so pixels stay on the site's
-nodes. A retired replica (always the newest, never replica 0, which keeps the head) only stops getting
-requests: it stays idle until it is needed again or the run ends, so no request in flight is lost.
+nodes. A new replica gets no request until it is up (its ``ping`` answered): the consumers never
+wait for a process start-up. A retired replica (always the newest, never replica 0, which keeps the
+head) only stops getting requests: it stays idle until it is needed again or the run ends, so no
+request in flight is lost.
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ class ScalePolicy:
         down_util: with nobody waiting, retire one when ``n - 1`` replicas would be less busy than this.
         patience: windows in a row that must all say "down" before one replica retires.
         every: batches per consumer window (the report interval).
+        min_gain: a step up is kept when, a window later, the consumers' batches per second rose by at
+            least this share (or nobody waits any more); otherwise it is undone and becomes the pool's
+            ceiling.
     """
 
     min_replicas: int = 1
@@ -41,17 +53,19 @@ class ScalePolicy:
     down_util: float = 0.5
     patience: int = 3
     every: int = 20
+    min_gain: float = 0.1
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"site autoscaling: need 1 <= min ({self.min_replicas}) <= max ({self.max_replicas})")
-        if not 0 < self.up_wait < 1 or not 0 < self.down_util < 1:
-            raise ValueError("site autoscaling: up_wait and down_util must be in (0, 1)")
+        if not 0 < self.up_wait < 1 or not 0 < self.down_util < 1 or not 0 <= self.min_gain < 1:
+            raise ValueError("site autoscaling: up_wait and down_util must be in (0, 1), min_gain in [0, 1)")
         if self.patience < 1 or self.every < 1:
             raise ValueError("site autoscaling: patience and every must be >= 1")
 
 
-def scale_decision(n: int, policy: ScalePolicy, wait_frac: float, busy_frac: float, low_windows: int) -> int:
+def scale_decision(n: int, policy: ScalePolicy, wait_frac: float, busy_frac: float, low_windows: int,
+                   ceiling: int | None = None) -> int:
     """The replica count after one decision.
 
     Args:
@@ -59,8 +73,10 @@ def scale_decision(n: int, policy: ScalePolicy, wait_frac: float, busy_frac: flo
         wait_frac: the largest share of a window any consumer spent waiting for this site.
         busy_frac: the replicas' mean busy share over the window (serve seconds / (window × n)).
         low_windows: windows in a row, this one included, that qualified for a scale-down.
+        ceiling: the most replicas that helped in this run (a step past it was undone), None = ``max``.
     """
-    if wait_frac > policy.up_wait and n < policy.max_replicas:
+    top = policy.max_replicas if ceiling is None else min(policy.max_replicas, ceiling)
+    if wait_frac > policy.up_wait and n < top:
         return n + 1
     if low_windows >= policy.patience and n > policy.min_replicas and wants_fewer(n, policy, wait_frac, busy_frac):
         return n - 1
@@ -80,22 +96,36 @@ class ReplicaScaler:
         start_replica: starts replica ``r`` (placed like the site) and returns its handle.
         policy: the bounds and thresholds.
         consumers: how many streams report (the Train workers); a decision waits for all of them.
+        is_ready: whether replica ``r`` (a started one) is up; the replicas given at the start are.
     """
 
     def __init__(self, replicas: list[Any], start_replica: Callable[[int], Any], policy: ScalePolicy,
-                 consumers: int = 1) -> None:
+                 consumers: int = 1, is_ready: Callable[[int], bool] | None = None) -> None:
         self.replicas, self.start_replica, self.policy = list(replicas), start_replica, policy
+        self._given = len(self.replicas)
+        self._is_ready = is_ready or (lambda r: True)
+        self._up: set[int] = set(range(self._given))
         self.active = max(policy.min_replicas, min(len(self.replicas), policy.max_replicas))
         while len(self.replicas) < self.active:
             self.replicas.append(self.start_replica(len(self.replicas)))
         self.consumers = max(1, int(consumers))
         self.low = 0
+        self.ceiling: int | None = None  # set when a step up did not help
+        self._trial: dict[str, Any] | None = None  # the last step up, until it is judged
         self._reports: list[tuple[float, float, float]] = []
         self.history: list[dict[str, Any]] = []  # every decision: for the run's log and the tests
 
+    def serving(self) -> int:
+        """How many replicas serve: the first ``active`` ones, up to the first that is not up yet."""
+        n = 0
+        while n < self.active and (n in self._up or self._is_ready(n)):
+            self._up.add(n)
+            n += 1
+        return max(1, n)
+
     def handles(self) -> tuple[list[Any], int]:
-        """Every replica started so far (in order) and how many of them serve: the first ``active``."""
-        return list(self.replicas), self.active
+        """Every replica started so far (in order) and how many of them serve (:meth:`serving`)."""
+        return list(self.replicas), self.serving()
 
     def report(self, waited_s: float, elapsed_s: float, busy_s: float) -> tuple[list[Any], int]:
         """One consumer's window: seconds it waited for the site, the window's length, and the seconds
@@ -104,18 +134,40 @@ class ReplicaScaler:
         if len(self._reports) >= self.consumers:
             wait = max(w / e for w, e, _ in self._reports)
             span = max(e for _, e, _ in self._reports)
-            busy = sum(b for _, _, b in self._reports) / (span * self.active)
+            busy = sum(b for _, _, b in self._reports) / (span * self.serving())
             self.low = self.low + 1 if wants_fewer(self.active, self.policy, wait, busy) else 0
-            n = scale_decision(self.active, self.policy, wait, busy, self.low)
+            n, reason = self._judge_trial(wait, span)
+            if reason is None:
+                n = scale_decision(self.active, self.policy, wait, busy, self.low, self.ceiling)
+                reason = "up" if n > self.active else ("down" if n < self.active else "hold")
+                if n > self.active:
+                    self._trial = {"span": span, "was": self.active, "windows": 0}
             if n != self.active:
                 self.low = 0
             while len(self.replicas) < n:
                 self.replicas.append(self.start_replica(len(self.replicas)))
             self.history.append({"replicas": n, "was": self.active, "wait_frac": round(wait, 4),
-                                 "busy_frac": round(busy, 4)})
+                                 "busy_frac": round(busy, 4), "window_s": round(span, 3), "reason": reason})
             self.active = n
             self._reports = []
         return self.handles()
+
+    def _judge_trial(self, wait: float, span: float) -> tuple[int, str | None]:
+        """The last step up, judged on the second window in which its replica served (the first may hold
+        the replica's warm-up): kept, or undone (and a ceiling)."""
+        t = self._trial
+        if t is None:
+            return self.active, None
+        if self.serving() < self.active:  # the new replica is still starting: it has not served yet
+            return self.active, "starting"
+        t["windows"] += 1
+        if t["windows"] < 2:  # the new replica's start-up window
+            return self.active, "settling"
+        self._trial = None
+        if wait <= self.policy.up_wait or t["span"] >= (1 + self.policy.min_gain) * span:
+            return self.active, None  # it helped: decide as usual
+        self.ceiling = t["was"]
+        return t["was"], "no gain"
 
     def log(self) -> list[dict[str, Any]]:
         return list(self.history)
@@ -128,13 +180,22 @@ class SitePool:
     def __init__(self, site: Any, transforms: dict[str, Any], site_index: int, seed: int, run_name: str,
                  replicas: list[Any], policy: dict[str, Any], consumers: int = 1, max_restarts: int = 3,
                  num_cpus: float = 0) -> None:
+        import ray
+
         from .actor import start_site_actor
 
-        def start(r: int) -> Any:
-            return start_site_actor(site, transforms=transforms, site_index=site_index, seed=seed,
-                                    run_name=run_name, max_restarts=max_restarts, replica=r, num_cpus=num_cpus)
+        pings: dict[int, Any] = {}
 
-        self.scaler = ReplicaScaler(replicas, start, ScalePolicy(**policy), consumers)
+        def start(r: int) -> Any:
+            h = start_site_actor(site, transforms=transforms, site_index=site_index, seed=seed,
+                                 run_name=run_name, max_restarts=max_restarts, replica=r, num_cpus=num_cpus)
+            pings[r] = h.ping.remote()
+            return h
+
+        def is_ready(r: int) -> bool:
+            return r in pings and bool(ray.wait([pings[r]], timeout=0, fetch_local=False)[0])
+
+        self.scaler = ReplicaScaler(replicas, start, ScalePolicy(**policy), consumers, is_ready)
 
     def handles(self) -> tuple[list[Any], int]:
         return self.scaler.handles()

@@ -55,7 +55,7 @@ def replica_policy(cfg: DictConfig, site: SiteConfig) -> ScalePolicy | None:
 
 def site_replicas(cfg: DictConfig, site: SiteConfig) -> int:
     """How many actors serve ``site`` at the start: its YAML's ``replicas``, else ``ray.site_replicas``
-    (default 1); an autoscaled site starts at its minimum."""
+    (default auto); an autoscaled site starts at its minimum."""
     run = cfg.ray.get("site_replicas")
     if run is not None and run != "auto" and (not isinstance(run, int) or isinstance(run, bool) or run < 1):
         raise ValueError(f"ray.site_replicas must be a positive integer or auto, got {run!r}")
