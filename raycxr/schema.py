@@ -344,6 +344,7 @@ class FineTuneSection:
     max_steps: Optional[int] = MISSING
     lr: float = MISSING
     head_lr: float = MISSING
+    schedule: str = "cosine"
 
 
 @dataclass
@@ -496,6 +497,7 @@ class StudyDownstreamSection:
     cache: bool = False
     lr: float = MISSING
     head_lr: float = MISSING
+    schedule: str = "cosine"
     min_images: int = MISSING
     C: float = MISSING
     max_iter: int = MISSING

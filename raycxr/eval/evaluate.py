@@ -190,7 +190,8 @@ def fine_tune(pre: Pretrained, site: SiteConfig, fraction: float, cfg: DictConfi
     idx = train_subset(n_train, fraction, int(cfg.seed), int(f.min_images))
     model, steps = fine_tune_model(pre.encoder, site, image_size=pre.image_size, indices=idx, seed=int(cfg.seed),
                                    batch_size=int(cfg.batch_size), epochs=int(f.epochs), max_steps=f.get("max_steps"),
-                                   lr=float(f.lr), head_lr=float(f.head_lr), head_init=head_init)
+                                   lr=float(f.lr), head_lr=float(f.head_lr), head_init=head_init,
+                                   schedule=str(f.get("schedule", "cosine")))
     own = site.load_manifest().label_names
     pred = predict_site(model, site, own, split=cfg.split, image_size=pre.image_size,
                         batch_size=cfg.batch_size, limit=cfg.get("limit"), progress=False)

@@ -41,12 +41,13 @@ class SitePredictions:
 
 
 def site_targets(site: SiteConfig, class_names: list[str], split: str | None, *,
-                 image_size: int = 224) -> tuple[SiteDataset, np.ndarray, np.ndarray]:
+                 image_size: int = 224, cache: bool = False) -> tuple[SiteDataset, np.ndarray, np.ndarray]:
     """The site's split (evaluation transform at ``image_size``) with its labels mapped onto
-    ``class_names`` (by canonical name)."""
+    ``class_names`` (by canonical name). ``cache`` reads the images through the site's decode cache."""
     manifest = site.load_manifest()
     space = UnionLabelSpace.onto(list(class_names), {site.name: manifest.label_names})
-    ds = site_dataset(site, {"size": int(image_size)}, split=split, train=False, label_space=space,
+    settings = {"size": int(image_size), "cache": bool(cache)}
+    ds = site_dataset(site, settings, split=split, train=False, label_space=space,
                       manifest=manifest, uncertain_policy="ignore")
     return ds, ds.targets, ds.target_mask
 
@@ -54,9 +55,10 @@ def site_targets(site: SiteConfig, class_names: list[str], split: str | None, *,
 @torch.no_grad()
 def predict_site(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], site: SiteConfig, class_names: list[str],
                  *, split: str | None = "test", image_size: int = 224, batch_size: int = 32,
-                 progress: bool = True, limit: int | None = None) -> SitePredictions:
-    """Run ``model`` (images → probabilities over ``class_names``) on a site's split."""
-    ds, targets, mask = site_targets(site, class_names, split, image_size=image_size)
+                 progress: bool = True, limit: int | None = None, cache: bool = False) -> SitePredictions:
+    """Run ``model`` (images → probabilities over ``class_names``) on a site's split (``cache``: through
+    the site's decode cache, :mod:`raycxr.cache`)."""
+    ds, targets, mask = site_targets(site, class_names, split, image_size=image_size, cache=cache)
     n = len(ds) if limit is None else min(limit, len(ds))
     subset = torch.utils.data.Subset(ds, range(n))
     dl = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)

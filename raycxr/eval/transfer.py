@@ -63,12 +63,13 @@ def linear_probe_probs(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarra
 def fine_tune_model(encoder: nn.Module, site: SiteConfig, *, image_size: int, indices: np.ndarray | None = None,
                     seed: int = 0, batch_size: int = 32, epochs: int = 2, max_steps: int | None = None,
                     lr: float = 1e-4, head_lr: float = 1e-3, head_init: dict | None = None,
-                    desc: str | None = None) -> tuple[nn.Module, int]:
+                    desc: str | None = None, cache: bool = False, schedule: str = "cosine") -> tuple[nn.Module, int]:
     """Fine-tune a copy of ``encoder`` with a new linear head over the site's own classes on its training
-    images (``indices`` of the train split, default all). Returns the model as images → probabilities
-    and the number of optimiser steps."""
-    train_ds = site_dataset(site, {"size": int(image_size)}, split="train", train=True, seed=int(seed),
-                            use_labels=True)
+    images (``indices`` of the train split, default all; ``cache``: read through the site's decode
+    cache; ``schedule``: the learning rates decay on a cosine to 0, or stay ``constant``). Returns the
+    model as images → probabilities and the number of optimiser steps."""
+    train_ds = site_dataset(site, {"size": int(image_size), "cache": bool(cache)}, split="train", train=True,
+                            seed=int(seed), use_labels=True)
     idx = np.arange(len(train_ds)) if indices is None else np.asarray(indices)
     torch.manual_seed(int(seed))
     model = LinearClassifier(copy.deepcopy(encoder), len(train_ds.manifest.label_names))
@@ -83,5 +84,5 @@ def fine_tune_model(encoder: nn.Module, site: SiteConfig, *, image_size: int, in
         return masked_bce_with_logits(m(b["image"]), b["labels"], b["label_mask"])
 
     history = fit_supervised(model, dl, bce, opt, epochs=int(epochs), max_steps=max_steps,
-                             desc=desc or f"fine-tune {site.name}", progress=False)
+                             desc=desc or f"fine-tune {site.name}", progress=False, schedule=schedule)
     return Probabilities(model).eval(), len(history)

@@ -93,7 +93,7 @@ def _score(model: torch.nn.Module, spec: dict[str, Any], image_size: int) -> dic
     arrays = {}
     for name in spec["eval_sites"]:
         p = predict_site(model, sites[name], spec["classes"], split="test", image_size=image_size,
-                         batch_size=int(spec["batch_size"]), progress=False)
+                         batch_size=int(spec["batch_size"]), progress=False, cache=bool(spec.get("cache")))
         arrays.update({f"{name}/probs": p.probs, f"{name}/targets": p.targets, f"{name}/mask": p.mask})
     return arrays
 
@@ -113,11 +113,11 @@ def _embed(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     sites = _sites(spec)
     target = sites[spec["target"]]
     tr = predict_site(model, target, spec["classes"], split="train", image_size=size,
-                      batch_size=int(spec["batch_size"]), progress=False)
+                      batch_size=int(spec["batch_size"]), progress=False, cache=bool(spec.get("cache")))
     arrays = {"train/x": tr.probs, "train/targets": tr.targets, "train/mask": tr.mask}
     for name in spec["eval_sites"]:
         te = predict_site(model, sites[name], spec["classes"], split="test", image_size=size,
-                          batch_size=int(spec["batch_size"]), progress=False)
+                          batch_size=int(spec["batch_size"]), progress=False, cache=bool(spec.get("cache")))
         arrays.update({f"{name}/x": te.probs, f"{name}/targets": te.targets, f"{name}/mask": te.mask})
     _save(out, arrays)
     return {"n_train": len(tr.probs), "dim": int(tr.probs.shape[1])}
@@ -157,7 +157,8 @@ def _downstream(spec: dict[str, Any], out: Path) -> dict[str, Any]:
                                        seed=int(spec["seed"]), batch_size=int(spec["batch_size"]),
                                        epochs=int(spec["epochs"]), max_steps=spec.get("max_steps"),
                                        lr=float(spec["lr"]), head_lr=float(spec["head_lr"]), head_init=head,
-                                       desc=spec["key"])
+                                       desc=spec["key"], cache=bool(spec.get("cache")),
+                                       schedule=str(spec.get("schedule", "cosine")))
         arrays = _score(model, spec, size)
     _save(out, arrays)
     return {"n_train": int(len(idx)), "steps": int(steps), "fraction": spec["fraction"], "seed": spec["seed"]}

@@ -102,9 +102,10 @@ def plan(cfg: DictConfig, rows: list[Row], classes: list[str], eval_sites: list[
 
     out = Path(cfg.out) / "cells"
     d = cfg.downstream
+    threads = cell_threads(cfg)
     common = {"sites_dir": str(cfg.sites.sites_dir), "data_root": str(cfg.sites.data_root), "target": cfg.target,
               "eval_sites": eval_sites, "classes": classes, "batch_size": int(d.batch_size),
-              "threads": cfg.get("threads")}
+              "threads": threads, "cache": bool(d.get("cache", False))}
     budget_images = int(cfg.budget.steps) * int(cfg.budget.batch_size)
     n_eval = 200 * len(eval_sites)  # rough: test images scored per cell
     cells: list[Cell] = []
@@ -115,7 +116,7 @@ def plan(cfg: DictConfig, rows: list[Row], classes: list[str], eval_sites: list[
         if row.method is not None:
             pdir = out / "pretrain" / row.name
             cells.append(Cell({"kind": "pretrain", "key": f"pretrain/{row.name}", "row": row.name, "dir": str(pdir),
-                               "overrides": overrides, "threads": cfg.get("threads")}, cost=budget_images))
+                               "overrides": overrides, "threads": threads}, cost=budget_images))
             ckpt, deps = str(pdir / "run"), [f"pretrain/{row.name}"]
         enc = {"checkpoint": ckpt, "overrides": overrides}
         edir = out / "embed" / row.name
@@ -123,7 +124,7 @@ def plan(cfg: DictConfig, rows: list[Row], classes: list[str], eval_sites: list[
                            "dir": str(edir)}, deps, cost=n_train + n_eval))
         ds = {**common, **enc, "embed_dir": str(edir), "C": float(d.C), "max_iter": int(d.max_iter),
               "epochs": int(d.epochs), "max_steps": d.get("max_steps"), "lr": float(d.lr), "head_lr": float(d.head_lr),
-              "min_images": int(d.min_images)}
+              "schedule": str(d.get("schedule", "cosine")), "min_images": int(d.min_images)}
         after = [*deps, f"embed/{row.name}"]
         modes = (["lp"] if d.linear_probe else []) + ["ft"]
         for seed in d.seeds:
@@ -191,6 +192,14 @@ def _check_same_study(out: Path, fp: dict[str, Any], rows: list[Row]) -> None:
         rows_now = {**old["rows"], **rows_now}
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"settings": fp, "rows": rows_now}, indent=1))
+
+
+def cell_threads(cfg: DictConfig) -> int | None:
+    """Torch threads per cell: ``threads``, else ``cpus_per_cell`` when cells run as Ray tasks (so two
+    cells on two cores do not oversubscribe them), else torch's default."""
+    if cfg.get("threads"):
+        return int(cfg.threads)
+    return max(1, int(float(cfg.cpus_per_cell))) if _use_ray(cfg) else None
 
 
 def _use_ray(cfg: DictConfig) -> bool:

@@ -1,11 +1,13 @@
 """The supervised fine-tuning loop that downstream classification and segmentation share.
 
 A plain PyTorch loop: batches from a loader, ``loss_fn(model, batch)``, one optimiser step each, a
-progress bar; a fixed number of epochs, optionally capped in steps per epoch and in total.
+progress bar; a fixed number of epochs, optionally capped in steps per epoch and in total, and an
+optional cosine decay of every learning rate to zero over those steps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,15 +21,20 @@ from ..methods.base import device_of, to_device
 def fit_supervised(model: nn.Module, loader: Iterable, loss_fn: Callable[[nn.Module, dict], torch.Tensor],
                    optimizer: torch.optim.Optimizer, *, epochs: int = 1, max_steps_per_epoch: int | None = None,
                    max_steps: int | None = None, desc: str = "fine-tune",
-                   progress: bool = True) -> list[dict[str, Any]]:
+                   progress: bool = True, schedule: str = "constant") -> list[dict[str, Any]]:
     """Train ``model`` for ``epochs`` passes over ``loader`` (fully quarantined batches are skipped).
 
+    ``schedule``: ``constant`` keeps the optimiser's learning rates; ``cosine`` decays each of them to 0
+    over the run's steps (no warm-up: the encoder starts from trained weights).
     Returns one record per step: ``{"epoch", "step", "loss"}``."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"fine-tuning schedule must be constant or cosine, got '{schedule}'")
     device = device_of(model)
     per_epoch = len(loader) if max_steps_per_epoch is None else min(len(loader), int(max_steps_per_epoch))
     total = int(epochs) * per_epoch if max_steps is None else min(int(epochs) * per_epoch, int(max_steps))
     history: list[dict[str, Any]] = []
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False, disable=not progress)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     for epoch in range(int(epochs)):
         model.train()
         for step, batch in enumerate(loader):
@@ -35,6 +42,9 @@ def fit_supervised(model: nn.Module, loader: Iterable, loss_fn: Callable[[nn.Mod
                 break
             if batch is None:
                 continue
+            if schedule == "cosine":
+                for g, lr in zip(optimizer.param_groups, base_lrs):
+                    g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * len(history) / max(total, 1)))
             loss = loss_fn(model, to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
