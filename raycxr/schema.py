@@ -345,6 +345,7 @@ class FineTuneSection:
     lr: float = MISSING
     head_lr: float = MISSING
     schedule: str = "cosine"
+    min_steps: int = 0
 
 
 @dataclass
@@ -498,6 +499,7 @@ class StudyDownstreamSection:
     lr: float = MISSING
     head_lr: float = MISSING
     schedule: str = "cosine"
+    min_steps: int = 0
     min_images: int = MISSING
     C: float = MISSING
     max_iter: int = MISSING

@@ -1,7 +1,8 @@
-"""The shared fine-tuning loop: its cosine learning-rate schedule, by hand."""
+"""The shared fine-tuning loop (its cosine schedule, by hand) and fine-tuning's head prior and step floor."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,3 +31,37 @@ def test_cosine_schedule_decays_every_group_to_zero_over_the_run():
     assert opt2.param_groups[0]["lr"] == 0.3
     with pytest.raises(ValueError, match="constant or cosine"):
         fit_supervised(model, batches, loss, opt2, schedule="step", progress=False)
+
+
+def test_prior_bias_by_hand():
+    from raycxr.eval.transfer import prior_bias
+
+    y = np.array([[1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0]], np.float32)
+    m = np.array([[1, 1, 0], [1, 1, 0], [1, 1, 0], [0, 1, 0]], np.float32)  # class 2 never annotated
+    b = prior_bias(y, m)
+    # class 0: 2 of 3 annotated rows positive -> log 2; class 1: 1 of 4 -> log(1/3); class 2: no rows -> 0
+    assert b == pytest.approx([math.log(2), math.log(1 / 3), 0.0], abs=1e-6)
+    assert prior_bias(np.zeros((5, 1)), np.ones((5, 1)))[0] == pytest.approx(math.log(1e-3 / (1 - 1e-3)))
+
+
+def test_fine_tuning_starts_at_the_prior_and_runs_at_least_min_steps(small_sites):
+    from raycxr.config import compose
+    from raycxr.dataset import site_dataset
+    from raycxr.eval.transfer import fine_tune_model, prior_bias
+    from raycxr.models.factory import build_encoder
+    from raycxr.train.local import select_sites
+
+    cfg = compose("pretrain", [*small_sites, "image_size=32", "encoder.embed_dim=16"])
+    site = select_sites(cfg)["vindr"]
+    enc = build_encoder(cfg, checkpoint=False)
+    idx = np.arange(6)  # one batch per epoch
+    # 1 epoch of one batch, extended to 4 steps; a zero learning rate keeps the head where it started
+    model, steps = fine_tune_model(enc, site, image_size=32, indices=idx, epochs=1, min_steps=4, lr=0.0,
+                                   head_lr=0.0, batch_size=8)
+    assert steps == 4
+    ds = site_dataset(site, {"size": 32}, split="train", train=False, use_labels=True)
+    assert model.model.head.bias.detach().numpy() == pytest.approx(prior_bias(ds.labels[idx], ds.label_mask[idx]))
+    # max_steps still caps it; epochs win when they give more steps
+    assert fine_tune_model(enc, site, image_size=32, indices=idx, epochs=1, min_steps=4, max_steps=2,
+                           batch_size=8)[1] == 2
+    assert fine_tune_model(enc, site, image_size=32, indices=idx, epochs=3, min_steps=2, batch_size=8)[1] == 3

@@ -191,7 +191,7 @@ def fine_tune(pre: Pretrained, site: SiteConfig, fraction: float, cfg: DictConfi
     model, steps = fine_tune_model(pre.encoder, site, image_size=pre.image_size, indices=idx, seed=int(cfg.seed),
                                    batch_size=int(cfg.batch_size), epochs=int(f.epochs), max_steps=f.get("max_steps"),
                                    lr=float(f.lr), head_lr=float(f.head_lr), head_init=head_init,
-                                   schedule=str(f.get("schedule", "cosine")))
+                                   schedule=str(f.get("schedule", "cosine")), min_steps=int(f.get("min_steps") or 0))
     own = site.load_manifest().label_names
     pred = predict_site(model, site, own, split=cfg.split, image_size=pre.image_size,
                         batch_size=cfg.batch_size, limit=cfg.get("limit"), progress=False)

@@ -5,7 +5,8 @@
 - :func:`fit_linear_probe`: logistic regression per class on frozen, standardised embeddings, returned
   as weights on the raw embeddings (so they also initialise a fine-tuning head: LP-FT);
 - :func:`fine_tune_model`: the encoder plus a new linear head over the site's classes, trained on the
-  subset with the shared supervised loop, returned as images → probabilities.
+  subset with the shared supervised loop, returned as images → probabilities;
+- :func:`prior_bias`: the head's starting bias, each class's log-odds on the subset.
 """
 
 from __future__ import annotations
@@ -60,14 +61,27 @@ def linear_probe_probs(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarra
     return (1.0 / (1.0 + np.exp(-(np.asarray(x, np.float64) @ w.T.astype(np.float64) + b)))).astype(np.float32)
 
 
+def prior_bias(labels: np.ndarray, mask: np.ndarray, eps: float = 1e-3) -> np.ndarray:
+    """(C,) log-odds of each class's positive rate among its annotated rows (0 where none), clipped to
+    [eps, 1 - eps]: a new head that starts there predicts the prior, so its first steps learn to tell
+    images apart instead of pushing every score towards the majority label (which, in a few steps,
+    scores images with larger activations lower: AUCs below 0.5)."""
+    n = mask.sum(0)
+    rate = np.where(n > 0, (labels * mask).sum(0) / np.maximum(n, 1), 0.5).clip(eps, 1 - eps)
+    return np.log(rate / (1 - rate)).astype(np.float32)
+
+
 def fine_tune_model(encoder: nn.Module, site: SiteConfig, *, image_size: int, indices: np.ndarray | None = None,
                     seed: int = 0, batch_size: int = 32, epochs: int = 2, max_steps: int | None = None,
-                    lr: float = 1e-4, head_lr: float = 1e-3, head_init: dict | None = None,
+                    min_steps: int = 0, lr: float = 1e-4, head_lr: float = 1e-3, head_init: dict | None = None,
                     desc: str | None = None, cache: bool = False, schedule: str = "cosine") -> tuple[nn.Module, int]:
     """Fine-tune a copy of ``encoder`` with a new linear head over the site's own classes on its training
     images (``indices`` of the train split, default all; ``cache``: read through the site's decode
-    cache; ``schedule``: the learning rates decay on a cosine to 0, or stay ``constant``). Returns the
-    model as images → probabilities and the number of optimiser steps."""
+    cache; ``schedule``: the learning rates decay on a cosine to 0, or stay ``constant``). The run is
+    ``epochs`` passes over the subset, extended to at least ``min_steps`` optimiser steps (a 1 % subset
+    is one batch per epoch) and cut at ``max_steps``. A new head starts at the classes' priors
+    (:func:`prior_bias`); ``head_init`` (LP-FT) replaces it. Returns the model as images → probabilities
+    and the number of optimiser steps."""
     train_ds = site_dataset(site, {"size": int(image_size), "cache": bool(cache)}, split="train", train=True,
                             seed=int(seed), use_labels=True)
     idx = np.arange(len(train_ds)) if indices is None else np.asarray(indices)
@@ -75,6 +89,9 @@ def fine_tune_model(encoder: nn.Module, site: SiteConfig, *, image_size: int, in
     model = LinearClassifier(copy.deepcopy(encoder), len(train_ds.manifest.label_names))
     if head_init is not None:
         model.head.load_state_dict(head_init)
+    else:
+        with torch.no_grad():
+            model.head.bias.copy_(torch.from_numpy(prior_bias(train_ds.labels[idx], train_ds.label_mask[idx])))
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": float(lr)},
                              {"params": model.head.parameters(), "lr": float(head_lr)}], weight_decay=0.01)
     dl = DataLoader(Subset(train_ds, idx.tolist()), batch_size=int(batch_size), shuffle=True,
@@ -83,6 +100,10 @@ def fine_tune_model(encoder: nn.Module, site: SiteConfig, *, image_size: int, in
     def bce(m: nn.Module, b: dict) -> torch.Tensor:
         return masked_bce_with_logits(m(b["image"]), b["labels"], b["label_mask"])
 
-    history = fit_supervised(model, dl, bce, opt, epochs=int(epochs), max_steps=max_steps,
+    per_epoch = max(1, len(dl))
+    n_epochs = max(int(epochs), math.ceil(int(min_steps) / per_epoch))
+    total = max(int(epochs) * per_epoch, int(min_steps))
+    total = total if max_steps is None else min(total, int(max_steps))
+    history = fit_supervised(model, dl, bce, opt, epochs=n_epochs, max_steps=total,
                              desc=desc or f"fine-tune {site.name}", progress=False, schedule=schedule)
     return Probabilities(model).eval(), len(history)

@@ -158,7 +158,8 @@ def _downstream(spec: dict[str, Any], out: Path) -> dict[str, Any]:
                                        epochs=int(spec["epochs"]), max_steps=spec.get("max_steps"),
                                        lr=float(spec["lr"]), head_lr=float(spec["head_lr"]), head_init=head,
                                        desc=spec["key"], cache=bool(spec.get("cache")),
-                                       schedule=str(spec.get("schedule", "cosine")))
+                                       schedule=str(spec.get("schedule", "cosine")),
+                                       min_steps=int(spec.get("min_steps") or 0))
         arrays = _score(model, spec, size)
     _save(out, arrays)
     return {"n_train": int(len(idx)), "steps": int(steps), "fraction": spec["fraction"], "seed": spec["seed"]}

@@ -124,14 +124,17 @@ def plan(cfg: DictConfig, rows: list[Row], classes: list[str], eval_sites: list[
                            "dir": str(edir)}, deps, cost=n_train + n_eval))
         ds = {**common, **enc, "embed_dir": str(edir), "C": float(d.C), "max_iter": int(d.max_iter),
               "epochs": int(d.epochs), "max_steps": d.get("max_steps"), "lr": float(d.lr), "head_lr": float(d.head_lr),
-              "schedule": str(d.get("schedule", "cosine")), "min_images": int(d.min_images)}
+              "schedule": str(d.get("schedule", "cosine")), "min_steps": int(d.get("min_steps") or 0),
+              "min_images": int(d.min_images)}
         after = [*deps, f"embed/{row.name}"]
         modes = (["lp"] if d.linear_probe else []) + ["ft"]
         for seed in d.seeds:
             for mode in modes:
                 for fr in d.fractions:
                     key = f"{mode}/{row.name}/{fr:g}/{seed}"
-                    cost = n_eval if mode == "lp" else max(1.0, fr * n_train) * int(d.epochs) + n_eval
+                    n_fr = max(float(d.min_images), fr * n_train)
+                    trained = max(n_fr * int(d.epochs), int(d.get("min_steps") or 0) * min(n_fr, int(d.batch_size)))
+                    cost = n_eval if mode == "lp" else trained + n_eval
                     cells.append(Cell({**ds, "kind": mode, "key": key, "row": row.name, "seed": int(seed),
                                        "fraction": float(fr), "dir": str(out / key)}, after, cost=cost))
             if d.lp_ft:
