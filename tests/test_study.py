@@ -97,10 +97,52 @@ def test_the_rows_of_a_study_with_ablations_and_registered_methods():
     assert rows["umif"].overrides == () and "umif" in list_methods()  # the default row is still there
     assert "single" not in rows  # skip_methods
     cfg = compose("study", ["ablations=[umif]"])
-    over = _row_overrides(cfg, rows["umif_no_teacher"])
+    sizes = {s: 700 for s in rows["umif_no_teacher"].sites}
+    over = _row_overrides(cfg, rows["umif_no_teacher"], sizes)
     assert over[-1] == "umif.teacher=false" and "method=umif" in over
     assert any(o.startswith("umif.epochs=") for o in over)  # the same budget as every row
     plain = {r.name for r in build_rows(compose("study"))}
     assert "umif" in plain and not any(n.startswith("umif_") for n in plain)
     with pytest.raises(ValueError, match="not groups of ablation_rows"):
         build_rows(compose("study", ["ablations=[nope]"]))
+
+
+@pytest.mark.parametrize("sizes", [[700, 700, 700, 700], [700], [700, 700, 700], [100, 700, 2000]])
+@pytest.mark.parametrize("method", ["mixed", "concurrent", "ark", "unichest", "selfsup", "umif"])
+def test_every_method_gets_the_study_budget_whatever_its_sites(method, sizes):
+    """200 steps (or the fewest above) for one small site, four, or sites of unequal size. Ark's unit is a
+    site-epoch: before the budget counted its sites' sizes, four 700-image sites gave it 85 steps of 200."""
+    from raycxr.methods import get_method
+
+    sites = {f"s{i}": n for i, n in enumerate(sizes)}
+    base = ["batch_size=32", "max_steps_per_epoch=40", f"method={method}"]
+    cls = get_method(method)
+    cfg = compose("pretrain", [*base, *cls.step_budget(compose("pretrain", base), 200, sites)])
+    cap, batch = int(cfg.max_steps_per_epoch), int(cfg.batch_size)
+
+    def per_pass(n: int) -> int:  # steps of one site-epoch: the loaders drop the last partial batch
+        return min(cap, max(1, n // batch))
+
+    if method == "ark":  # rounds of one site-epoch per site, each of the site's own batches
+        steps = int(cfg.ark.rounds) * sum(per_pass(n) for n in sizes)
+    elif method == "concurrent":  # a step takes one batch from every site; an epoch ends with the shortest
+        assert batch * len(sizes) <= 32
+        steps = int(cfg.baseline.epochs) * min(per_pass(n) for n in sizes)
+    elif method == "unichest":
+        steps = (int(cfg.unichest.conquer_epochs) + int(cfg.unichest.divide_epochs)) * per_pass(sum(sizes))
+    else:  # epochs over the pooled images
+        steps = int(cfg[cls.config_key or cls.name].epochs) * per_pass(sum(sizes))
+    assert 200 <= steps < 200 + len(sizes) * int(cfg.get("ark", {}).get("rounds", 1)), steps
+
+
+def test_a_cell_whose_spec_changed_runs_again(tmp_path):
+    """A cached cell is read back only for the spec it ran; threads and the decode cache do not count."""
+    from raycxr.study.cells import DONE, is_done, spec_digest
+
+    spec = {"dir": str(tmp_path), "kind": "pretrain", "overrides": ["ark.rounds=1"], "threads": 1, "cache": False}
+    assert not is_done(spec)
+    (tmp_path / DONE).write_text(json.dumps({"steps": 85, "spec": spec_digest(spec)}))
+    assert is_done(spec) and is_done({**spec, "threads": 2, "cache": True})
+    assert not is_done({**spec, "overrides": ["ark.rounds=3", "max_steps_per_epoch=17"]})
+    (tmp_path / DONE).write_text(json.dumps({"steps": 85}))  # a record from before digests: kept
+    assert is_done({**spec, "overrides": ["ark.rounds=3"]})

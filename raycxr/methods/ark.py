@@ -14,6 +14,7 @@ union classes (:class:`~raycxr.models.classifiers.HeadsClassifier`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,11 +37,13 @@ from .base import (
     Unit,
     adamw,
     autocast,
+    batches_per_pass,
     check_resume,
     device_of,
     limited,
     place,
     set_epoch,
+    smallest_cap,
     steps_per_unit,
 )
 from .registry import register_method
@@ -227,6 +230,17 @@ class ArkMethod(Method):
     def budget_overrides(cls, cfg: DictConfig, units: int, n_sites: int) -> list[str]:
         """A unit is one site-epoch: ``units`` site-epochs are ``units / n_sites`` rounds."""
         return [f"ark.rounds={max(1, int(round(units / max(n_sites, 1))))}"]
+
+    @classmethod
+    def step_budget(cls, cfg: DictConfig, steps: int, train_sizes: dict[str, int]) -> list[str]:
+        """Rounds of one site-epoch per site (each site's own batches of ``batch_size``): enough rounds for
+        the budget, and the site-epochs capped so that the rounds add up to it (a site with fewer batches
+        than the cap gives what it has)."""
+        cap = cfg.get("max_steps_per_epoch")
+        per_site = [batches_per_pass(n, int(cfg.batch_size)) for n in train_sizes.values()]
+        per_site = [min(p, int(cap)) for p in per_site] if cap else per_site
+        rounds = max(1, math.ceil(int(steps) / sum(per_site)))
+        return [f"ark.rounds={rounds}", f"max_steps_per_epoch={smallest_cap(steps, rounds, per_site)}"]
 
     def setup(self, resume: Checkpoint | None) -> int:
         a = self.section

@@ -157,6 +157,15 @@ class Method:
         the same budget of optimiser steps × batch. Default: ``<section>.epochs=units``."""
         return [f"{cls.config_key or cls.name}.epochs={int(units)}"]
 
+    @classmethod
+    def step_budget(cls, cfg: DictConfig, steps: int, train_sizes: dict[str, int]) -> list[str]:
+        """Config overrides that give this method ``steps`` optimiser steps (or the fewest above) on sites
+        whose training splits hold ``train_sizes`` images: how ``raycxr study`` puts every row on the same
+        budget, whatever the sites' sizes. Default: epochs over the sites' pooled images, one batch of
+        ``batch_size`` a step (:meth:`budget_overrides` turns them into the method's units)."""
+        return epoch_budget(cls, cfg, steps, batches_per_pass(sum(train_sizes.values()), int(cfg.batch_size)),
+                            len(train_sizes))
+
     # -- a finished run ----------------------------------------------------------------------------
     @classmethod
     def pretrained(cls, ckpt: Checkpoint, cfg: DictConfig) -> Pretrained:
@@ -295,6 +304,30 @@ class LRSchedule:
     def _advance(self) -> None:
         self.step += 1
         self._apply()
+
+
+def batches_per_pass(n_images: int, batch_size: int) -> int:
+    """Optimiser steps of one shuffled pass over ``n_images`` (the loaders drop the last partial batch)."""
+    return max(1, int(n_images) // max(int(batch_size), 1))
+
+
+def smallest_cap(steps: int, passes: int, per_pass: list[int]) -> int:
+    """The smallest ``max_steps_per_epoch`` with which ``passes`` rounds over loaders of ``per_pass`` steps
+    each reach ``steps`` (their full length when they cannot)."""
+    for cap in range(1, max(per_pass) + 1):
+        if passes * sum(min(p, cap) for p in per_pass) >= steps:
+            return cap
+    return max(per_pass)
+
+
+def epoch_budget(method: type, cfg: DictConfig, steps: int, per_pass: int, n_sites: int) -> list[str]:
+    """Units of one pass of ``per_pass`` steps (at most ``max_steps_per_epoch``): as many as the budget
+    needs, the cap then lowered so that they add up to ``steps`` rather than overshoot by most of a unit."""
+    cap = cfg.get("max_steps_per_epoch")
+    per_unit = min(per_pass, int(cap)) if cap else per_pass
+    units = max(1, math.ceil(int(steps) / per_unit))
+    cap = smallest_cap(steps, units, [per_unit])
+    return [*method.budget_overrides(cfg, units, n_sites), f"max_steps_per_epoch={cap}"]
 
 
 def steps_per_unit(loader: Any, cfg: DictConfig) -> int:

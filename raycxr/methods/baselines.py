@@ -30,8 +30,10 @@ from .base import (
     Unit,
     adamw,
     autocast,
+    batches_per_pass,
     check_resume,
     device_of,
+    epoch_budget,
     limited,
     place,
     set_epoch,
@@ -123,6 +125,13 @@ class ConcurrentMethod(_Epochs):
         sees as many images as one of the other methods."""
         return [*super().budget_overrides(cfg, units, n_sites),
                 f"batch_size={max(1, int(cfg.batch_size) // max(n_sites, 1))}"]
+
+    @classmethod
+    def step_budget(cls, cfg: DictConfig, steps: int, train_sizes: dict[str, int]) -> list[str]:
+        """An epoch ends with the shortest site, whose batches are ``batch_size / n_sites`` images."""
+        per_site_batch = max(1, int(cfg.batch_size) // max(len(train_sizes), 1))
+        per_pass = min(batches_per_pass(n, per_site_batch) for n in train_sizes.values())
+        return epoch_budget(cls, cfg, steps, per_pass, len(train_sizes))
 
     def setup(self, resume: Checkpoint | None) -> int:
         if resume is not None:

@@ -11,12 +11,15 @@ A cell is a plain dict (``spec``) so it can run in this process or as a Ray task
 
 Each downstream cell writes ``pred.npz`` (per evaluation site: probabilities, targets and mask over the
 target's classes) and ``cell.json`` (what it did, its cost). ``cell.json`` is written last: a cell
-without it did not finish and runs again.
+without it did not finish and runs again. It also keeps a digest of the spec it ran: a cell whose spec
+has changed since (a new budget rule, another recipe) runs again instead of being read back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,23 +30,39 @@ import torch
 DONE = "cell.json"
 
 
+RUNTIME_KEYS = ("threads", "cache")  # how a cell runs, not what it computes: a change does not rerun it
+
+
+def spec_digest(spec: dict[str, Any]) -> str:
+    """What a cell computes, as a short digest of its spec (without :data:`RUNTIME_KEYS`)."""
+    what = {k: v for k, v in spec.items() if k not in RUNTIME_KEYS}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def is_done(spec: dict[str, Any]) -> bool:
-    return (Path(spec["dir"]) / DONE).is_file()
+    """Whether the cell finished with this spec (a record from before digests were kept counts as done)."""
+    done = Path(spec["dir"]) / DONE
+    if not done.is_file():
+        return False
+    return json.loads(done.read_text()).get("spec", spec_digest(spec)) == spec_digest(spec)
 
 
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Run (or read back) one cell; returns its ``cell.json`` record."""
     out = Path(spec["dir"])
     done = out / DONE
-    if done.is_file():
+    if is_done(spec):
         return json.loads(done.read_text())
+    if done.is_file():  # made with another spec: start again (a pretraining must not resume its checkpoint)
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     t0 = time.perf_counter()
     record = {"pretrain": _pretrain, "embed": _embed, "lp": _downstream, "ft": _downstream, "lpft": _downstream,
               "zero_shot": _zero_shot}[spec["kind"]](spec, out)
-    record.update(key=spec["key"], kind=spec["kind"], row=spec["row"], seconds=round(time.perf_counter() - t0, 1))
+    record.update(key=spec["key"], kind=spec["kind"], row=spec["row"], seconds=round(time.perf_counter() - t0, 1),
+                  spec=spec_digest(spec))
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1, default=float))
     tmp.replace(done)  # written last: its presence means the cell finished

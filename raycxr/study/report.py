@@ -71,7 +71,9 @@ def blocks(results: dict, figures: dict[str, str]) -> list[Block]:
         f"site annotates with at least {s['min_positives']} test positives (and negatives); other classes are "
         "listed below as not estimable, never averaged in",
         f"differences: paired bootstrap over test images ({s['bootstrap']} draws), 95 % intervals",
-        f"wall time: {results.get('seconds', 0) / 60:.1f} min"]))
+        f"wall time: {results.get('seconds', 0) / 60:.1f} min for this invocation; the cells took "
+        f"{results.get('cell_seconds', 0) / 60:.1f} min of compute in all (cells run in parallel, and a resumed "
+        "study reads finished ones from its cache)"]))
     b.append(("h", 2, "Claims"))
     b.append(("table", ["claim", "paper", "source", "raycxr (95 % CI)", "verdict", "note"],
               [[c["claim"], c["paper"], c["source"], c["raycxr"], c["verdict"], c.get("note", "")]

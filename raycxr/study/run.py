@@ -11,7 +11,6 @@ result) and the report.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -79,8 +78,11 @@ def build_rows(cfg: DictConfig) -> list[Row]:
     return rows
 
 
-def _row_overrides(cfg: DictConfig, row: Row) -> list[str]:
-    """The pretraining config of a row: the study's pretrain overrides, the backbone, the budget, the row's own."""
+def _row_overrides(cfg: DictConfig, row: Row, train_sizes: dict[str, int]) -> list[str]:
+    """The pretraining config of a row: the study's pretrain overrides, the backbone, the budget, the row's own.
+
+    ``train_sizes`` (images in each site's training split) let the method fit ``budget.steps`` to the row's
+    sites: a row on one small site runs more epochs than a row on four, for the same optimiser steps."""
     from ..config import compose
     from ..methods import get_method
 
@@ -90,14 +92,15 @@ def _row_overrides(cfg: DictConfig, row: Row) -> list[str]:
               f"site_names=[{','.join(row.sites)}]"]
     if row.method is None:
         return [*common, *row.overrides]
-    units = max(1, math.ceil(int(cfg.budget.steps) / int(cfg.budget.steps_per_unit)))
     base = compose("pretrain", [*common, f"method={row.method}", *row.overrides])
-    budget = get_method(row.method).budget_overrides(base, units, len(row.sites))
+    budget = get_method(row.method).step_budget(base, int(cfg.budget.steps), {s: train_sizes[s] for s in row.sites})
     return [*common, f"method={row.method}", *budget, *row.overrides]
 
 
-def plan(cfg: DictConfig, rows: list[Row], classes: list[str], eval_sites: list[str], n_train: int) -> list[Cell]:
-    """Every cell of the study, with its dependencies and estimated cost."""
+def plan(cfg: DictConfig, rows: list[Row], classes: list[str], eval_sites: list[str],
+         train_sizes: dict[str, int]) -> list[Cell]:
+    """Every cell of the study, with its dependencies and estimated cost (``train_sizes``: images in each
+    site's training split)."""
     from ..methods import get_method
 
     out = Path(cfg.out) / "cells"
@@ -108,9 +111,10 @@ def plan(cfg: DictConfig, rows: list[Row], classes: list[str], eval_sites: list[
               "threads": threads, "cache": bool(d.get("cache", False))}
     budget_images = int(cfg.budget.steps) * int(cfg.budget.batch_size)
     n_eval = 200 * len(eval_sites)  # rough: test images scored per cell
+    n_train = train_sizes[cfg.target]
     cells: list[Cell] = []
     for row in rows:
-        overrides = _row_overrides(cfg, row)
+        overrides = _row_overrides(cfg, row, train_sizes)
         ckpt = None
         deps: list[str] = []
         if row.method is not None:
@@ -300,21 +304,23 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     corpus = prepare_corpus(cfg)
     sites = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
-    for name in [cfg.target, *cfg.pretrain_sites]:
+    rows = build_rows(cfg)
+    for name in [cfg.target, *cfg.pretrain_sites, *(s for r in rows for s in r.sites)]:
         if name not in sites:
             raise ValueError(f"study site '{name}' is not in the corpus ({sorted(sites)})")
     target = sites[cfg.target]
     classes = list(target.load_manifest().label_names)
     eval_sites = list(cfg.eval_sites) if cfg.eval_sites else list(sites)
-    n_train = int((target.load_manifest().to_pandas()["split"] == "train").sum())
-    rows = build_rows(cfg)
+    train_sizes = {n: int((sites[n].load_manifest().to_pandas()["split"] == "train").sum())
+                   for n in sorted({s for r in rows for s in r.sites} | {cfg.target})}
     _check_same_study(out, _fingerprint(cfg, corpus), rows)
-    cells = plan(cfg, rows, classes, eval_sites, n_train)
+    cells = plan(cfg, rows, classes, eval_sites, train_sizes)
     print(f"study {out}: {len(rows)} rows, {len(cells)} cells on target '{cfg.target}' "
           f"(evaluated on {', '.join(eval_sites)})")
     records = execute(cells, cfg)
     results = analyse(cfg, rows, cells, records)
-    results.update(corpus=corpus, seconds=round(time.perf_counter() - t0, 1))
+    results.update(corpus=corpus, seconds=round(time.perf_counter() - t0, 1),
+                   cell_seconds=round(sum(float(r.get("seconds", 0)) for r in records.values()), 1))
     report = write_study_report(results, out)
     _track(cfg, results, out)
     if cfg.get("report_dir"):
