@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -58,8 +59,8 @@ def main() -> None:
     res: dict = {"steps_per_epoch": args.steps, "batch_size": 16, "image_size": 128, "model": "resnet18 + union head",
                  "plain_loop": f"DataLoader with {args.loader_workers} worker process(es) + the training process "
                                "(1 thread)",
-                 "ray_path": "1 Ray Train worker (1 thread) + 1 site actor per site",
-                 "note": "2-core machine shared with other jobs while it ran: ratios only"}
+                 "ray_path": "1 Ray Train worker (1 thread) + the site's actors (ray.site_replicas: auto, from 1)",
+                 "load_average_start": round(os.getloadavg()[0], 2)}
     local = run_pretrain(compose("pretrain", [*common, f"num_workers={args.loader_workers}", f"out={tmp / 'local'}"]))
     res["plain_loop_images_per_s"] = round(epoch_rate(local["history"]), 1)
     res["steps_trained_per_epoch"] = [int(h["steps"]) for h in local["history"]]
@@ -74,6 +75,11 @@ def main() -> None:
     out = run_pretrain_ray(rcfg)
     res["ray_train_images_per_s"] = round(epoch_rate(out["history"]), 1)
     res["ray_overhead_percent"] = round(100 * (1 - res["ray_train_images_per_s"] / res["plain_loop_images_per_s"]), 1)
+    scale_log = tmp / "ray" / "autoscale.json"
+    if scale_log.is_file():  # what the default autoscaling did beside the trainer
+        res["autoscale_decisions"] = [f"{h['was']}->{h['replicas']} ({h['reason']})"
+                                      for h in json.loads(scale_log.read_text()).get("nih", [])
+                                      if h.get("reason") != "hold"]
 
     data = ActorData(rcfg, out["actors"], 0, 1)
     stream = data.union_loader()
@@ -84,6 +90,7 @@ def main() -> None:
             break
     res["site_actor_serving_images_per_s"] = round(n / (time.perf_counter() - t), 1)
     ray.shutdown()
+    res["load_average_end"] = round(os.getloadavg()[0], 2)
     shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "ray_overhead.json").write_text(json.dumps(res, indent=2))

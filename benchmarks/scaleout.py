@@ -1,8 +1,15 @@
 """Scale-out figures on this machine (one run; ratios are what carry over to a cluster).
 
 1. **Replicas**: images/s one site serves through :class:`~raycxr.train.ray_runner.ActorStream` from 1
-   and from 2 replicas (train transforms, no decode cache, second pass timed), beside the images/s a
-   trainer consumes (ResNet-18 + union head, one step = forward + backward + AdamW, same size and batch).
+   and from 2 replicas and from an autoscaled pool (``ray.site_replicas=auto``, starting at 1, timed once
+   its step up has been judged; train transforms, no decode cache, ``PASSES`` passes timed), beside the
+   images/s a trainer consumes (ResNet-18 + union head, one step = forward + backward + AdamW, same size
+   and batch).
+1b. **Ray Data**, the alternative the issue names: ``read_parquet`` of the site's manifest (train split)
+   -> ``map_batches`` of the same decode + train transforms (``site_dataset`` in a callable class) with
+   ``concurrency`` 1 and 2 -> ``iter_torch_batches``, as many passes in one execution, timed from its
+   first batch (the map actors started once); so the two data planes are compared on the same images, transforms, batch
+   size and cores.
 2. **Decode cache**: epoch times of one site's train split (``site_dataset`` in one process, train
    transforms) without and with the cache, epochs 1..3: the first fills the cache, later ones read it.
 3. **Gradient sync**: step time of ResNet-18 on 2 gloo processes (one thread each) with today's
@@ -67,30 +74,127 @@ def trainer_rate(steps: int = 6) -> float:
     return BATCH / statistics.median(times[1:])
 
 
+PASSES = 5  # timed passes over the site's train split, after the warm-up
+
+
+class _DecodeBatch:
+    """Ray Data's stage: the site's own dataset (decode, preprocessing, train transforms) in each worker."""
+
+    def __init__(self, site: object, transforms: dict) -> None:
+        from raycxr.dataset import site_dataset
+
+        self.ds = site_dataset(site, transforms, split="train", train=True, use_labels=True)
+        self.row = {iid: i for i, iid in enumerate(self.ds.df["image_id"])}
+
+    def __call__(self, batch: dict) -> dict:
+        items = [self.ds[self.row[iid]] for iid in batch["image_id"]]
+        return {"image": np.stack([it["image"].numpy() for it in items]),
+                "labels": np.stack([it["labels"].numpy() for it in items])}
+
+
+def ray_data_rates(overrides: list[str]) -> dict:
+    """Images/s of a Ray Data pipeline over the same site, transforms and batch size (``concurrency`` 1, 2)."""
+    import ray
+    from omegaconf import OmegaConf
+
+    from raycxr.config import compose
+    from raycxr.train.local import select_sites
+
+    cfg = compose("pretrain", overrides)
+    site = select_sites(cfg)["nih"]
+    transforms = OmegaConf.to_container(cfg.transforms, resolve=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    out = {}
+    try:
+        # the manifest read once (on 2 CPUs a read task waiting beside two map actors would deadlock);
+        # PASSES copies in one execution, timed from the first batch (the map actors start once, as they
+        # would for a trainer streaming one long epoch: the measure most favourable to Ray Data). Not
+        # "after the first pass": Ray Data does not keep the order, so by the time one pass's worth of
+        # images has arrived its actors have already decoded part of the next ones.
+        rows = (ray.data.read_parquet(str(site.manifest_path), columns=["image_id", "split"])
+                .filter(lambda r: r["split"] == "train").materialize())
+        for c in (1, 2):
+            ds = rows.union(*[rows] * (PASSES - 1)).map_batches(
+                _DecodeBatch, fn_constructor_args=(site.resolved(), transforms), batch_size=BATCH, concurrency=c,
+                num_cpus=1)
+            k, t0 = 0, None
+            for b in ds.iter_torch_batches(batch_size=BATCH):
+                if t0 is None:  # the first batch: the actors are up
+                    t0 = time.perf_counter()
+                else:
+                    k += len(b["image"])
+            out[f"concurrency_{c}_images_per_s"] = round(k / (time.perf_counter() - t0), 1)
+    finally:
+        ray.shutdown()
+    out["speed_up_2_vs_1"] = round(out["concurrency_2_images_per_s"] / out["concurrency_1_images_per_s"], 2)
+    return out
+
+
+def judged(log: list[dict]) -> bool:
+    """Whether an autoscaled pool has stepped up and judged the step (kept it or undone it), or has had
+    ten windows without wanting one."""
+    reasons = [h["reason"] for h in log]
+    if "up" not in reasons:
+        return len(reasons) >= 10
+    after = reasons[len(reasons) - reasons[::-1].index("up"):]
+    return "no gain" in after or ("settling" in after and after[-1] not in ("starting", "settling"))
+
+
+def decisions(log: list[dict]) -> str:
+    """The pool's decisions in order, repeats counted: ``1->2 up, starting x14, settling, kept``."""
+    out: list[list] = []
+    for h in log:
+        if h["reason"] == "hold":
+            continue
+        key = f"{h['was']}->{h['replicas']} {h['reason']}" if h["reason"] in ("up", "down", "no gain") else h["reason"]
+        if out and out[-1][0] == key:
+            out[-1][1] += 1
+        else:
+            out.append([key, 1])
+    text = [k if c == 1 else f"{k} x{c}" for k, c in out]
+    if out and out[-1][0] == "settling":
+        text.append("kept")
+    return ", ".join(text) or "no change"
+
+
 def replica_rates(overrides: list[str]) -> dict:
     import ray
 
     from raycxr.config import compose
     from raycxr.train.local import select_sites
-    from raycxr.train.ray_launch import start_site_replicas
+    from raycxr.train.ray_launch import start_site_pools, start_site_replicas
     from raycxr.train.ray_runner import ActorData
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
     out = {}
     try:
-        for n in (1, 2):
-            cfg = compose("pretrain", [*overrides, f"ray.site_replicas={n}"])
-            pools = start_site_replicas(cfg, select_sites(cfg), f"bench-r{n}")
-            data = ActorData(cfg, {k: p[0] for k, p in pools.items()}, 0, 1, replicas=pools)
+        for n in (1, 2, "auto"):
+            cfg = compose("pretrain", [*overrides, f"ray.site_replicas={n}", "ray.autoscale.every=2"])
+            sites = select_sites(cfg)
+            pools = start_site_replicas(cfg, sites, f"bench-r{n}")
+            scalers = start_site_pools(cfg, sites, f"bench-r{n}", pools)
+            data = ActorData(cfg, {k: p[0] for k, p in pools.items()}, 0, 1, replicas=pools, scalers=scalers)
             stream = data.union_loader()
-            next(iter(stream))  # builds the datasets in the actors
+            t_warm = time.perf_counter()
+            while True:  # warm-up passes: build the datasets in the actors; an autoscaled pool also needs
+                for _ in stream:  # its step up started, served and judged before it is timed
+                    pass
+                log = ray.get(scalers["nih"].log.remote()) if n == "auto" else []
+                if n != "auto" or judged(log) or time.perf_counter() - t_warm > 120:
+                    break
             t0, k = time.perf_counter(), 0
-            for _ in range(3):
+            for _ in range(PASSES):
                 for b in stream:
                     k += len(b["image"])
             out[f"replicas_{n}_images_per_s"] = round(k / (time.perf_counter() - t0), 1)
-            for pool in pools.values():
-                for a in pool:
+            if n == "auto":
+                log = ray.get(scalers["nih"].log.remote())
+                out["auto_replicas_at_end"] = stream.active[0]
+                out["auto_decisions"] = decisions(log)
+                out["auto_warm_up_s"] = round(t0 - t_warm, 1)
+            for pool in [*pools.values(), *scalers.values()]:
+                for a in pool if isinstance(pool, list) else [pool]:
                     ray.kill(a)
     finally:
         ray.shutdown()
@@ -233,11 +337,18 @@ def per_core_rates(tmp: Path) -> dict:
 
 def markdown(res: dict) -> str:
     r, c, g, p = res["replicas"], res["decode_cache"], res["grad_sync"], res["per_core"]
+    d = res["ray_data"]
     w, k = c["without_cache"]["epoch_seconds"], c["with_cache"]["epoch_seconds"]
     lines = ["# Scale-out benchmark (`benchmarks/scaleout.py`)", "", res["note"], "",
              "| measure | figure |", "|---|---|",
              f"| site serving, 1 replica | {r['replicas_1_images_per_s']} images/s |",
              f"| site serving, 2 replicas | {r['replicas_2_images_per_s']} images/s ({r['speed_up_2_vs_1']}x) |",
+             f"| site serving, autoscaled (`auto`, from 1) | {r['replicas_auto_images_per_s']} images/s, "
+             f"{r['auto_replicas_at_end']} replicas at the end ({r['auto_decisions']}; timed after "
+             f"{r['auto_warm_up_s']} s of warm-up) |",
+             f"| Ray Data, `map_batches` concurrency 1 | {d['concurrency_1_images_per_s']} images/s |",
+             f"| Ray Data, `map_batches` concurrency 2 | {d['concurrency_2_images_per_s']} images/s "
+             f"({d['speed_up_2_vs_1']}x) |",
              f"| trainer consumption (ResNet-18, {SIZE} px, batch {BATCH}, 1 thread) | "
              f"{res['trainer_images_per_s']} images/s |",
              f"| epoch s without cache (epochs 1-3, {c['without_cache']['images']} images) | {w} |",
@@ -263,14 +374,17 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="scaleout_"))
     try:
         overrides = corpus(tmp, args.images)
-        res = {"note": "One run on a 2-core machine shared with other engineers' jobs and loaded while it ran: "
-                       "absolute figures are noisy, only the ratios are meaningful.",
-               "image_size": SIZE, "batch_size": BATCH}
+        load0 = os.getloadavg()[0]
+        res = {"image_size": SIZE, "batch_size": BATCH}
         res["trainer_images_per_s"] = round(trainer_rate(), 1)
         res["decode_cache"] = cache_epochs(overrides, tmp)
         res["grad_sync"] = grad_sync_times(tmp)
         res["per_core"] = per_core_rates(tmp)
         res["replicas"] = replica_rates(overrides)
+        res["ray_data"] = ray_data_rates(overrides)
+        res["note"] = (f"One run on {os.cpu_count()} cores, 1-minute load average {load0:.1f} at the start and "
+                       f"{os.getloadavg()[0]:.1f} at the end: absolute figures are noisy, the ratios within the run "
+                       "are what carries over.")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "scaleout.json").write_text(json.dumps(res, indent=2))
