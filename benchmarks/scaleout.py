@@ -8,8 +8,8 @@
 1b. **Ray Data**, the alternative the issue names: ``read_parquet`` of the site's manifest (train split)
    -> ``map_batches`` of the same decode + train transforms (``site_dataset`` in a callable class) with
    ``concurrency`` 1 and 2 -> ``iter_torch_batches``, as many passes in one execution, timed from its
-   first batch (the map actors started once); so the two data planes are compared on the same images, transforms, batch
-   size and cores.
+   first batch (the map actors started once); so the two data planes are compared on the same images,
+   transforms, batch size and cores.
 2. **Decode cache**: epoch times of one site's train split (``site_dataset`` in one process, train
    transforms) without and with the cache, epochs 1..3: the first fills the cache, later ones read it.
 3. **Gradient sync**: step time of ResNet-18 on 2 gloo processes (one thread each) with today's

@@ -14,7 +14,6 @@ union classes (:class:`~raycxr.models.classifiers.HeadsClassifier`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,10 +39,10 @@ from .base import (
     batches_per_pass,
     check_resume,
     device_of,
+    fit_budget,
     limited,
     place,
     set_epoch,
-    smallest_cap,
     steps_per_unit,
 )
 from .registry import register_method
@@ -236,11 +235,8 @@ class ArkMethod(Method):
         """Rounds of one site-epoch per site (each site's own batches of ``batch_size``): enough rounds for
         the budget, and the site-epochs capped so that the rounds add up to it (a site with fewer batches
         than the cap gives what it has)."""
-        cap = cfg.get("max_steps_per_epoch")
-        per_site = [batches_per_pass(n, int(cfg.batch_size)) for n in train_sizes.values()]
-        per_site = [min(p, int(cap)) for p in per_site] if cap else per_site
-        rounds = max(1, math.ceil(int(steps) / sum(per_site)))
-        return [f"ark.rounds={rounds}", f"max_steps_per_epoch={smallest_cap(steps, rounds, per_site)}"]
+        rounds, cap = fit_budget(cfg, steps, [batches_per_pass(n, int(cfg.batch_size)) for n in train_sizes.values()])
+        return [f"ark.rounds={rounds}", f"max_steps_per_epoch={cap}"]
 
     def setup(self, resume: Checkpoint | None) -> int:
         a = self.section

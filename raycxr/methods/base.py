@@ -320,13 +320,19 @@ def smallest_cap(steps: int, passes: int, per_pass: list[int]) -> int:
     return max(per_pass)
 
 
-def epoch_budget(method: type, cfg: DictConfig, steps: int, per_pass: int, n_sites: int) -> list[str]:
-    """Units of one pass of ``per_pass`` steps (at most ``max_steps_per_epoch``): as many as the budget
-    needs, the cap then lowered so that they add up to ``steps`` rather than overshoot by most of a unit."""
+def fit_budget(cfg: DictConfig, steps: int, per_pass: list[int]) -> tuple[int, int]:
+    """Rounds over loaders of ``per_pass`` steps each (every one at most ``max_steps_per_epoch``): as many
+    rounds as ``steps`` needs, and the ``max_steps_per_epoch`` that then makes them add up to it rather
+    than overshoot by most of a round. Returns (rounds, cap)."""
     cap = cfg.get("max_steps_per_epoch")
-    per_unit = min(per_pass, int(cap)) if cap else per_pass
-    units = max(1, math.ceil(int(steps) / per_unit))
-    cap = smallest_cap(steps, units, [per_unit])
+    per_pass = [min(p, int(cap)) for p in per_pass] if cap else list(per_pass)
+    rounds = max(1, math.ceil(int(steps) / sum(per_pass)))
+    return rounds, smallest_cap(steps, rounds, per_pass)
+
+
+def epoch_budget(method: type, cfg: DictConfig, steps: int, per_pass: int, n_sites: int) -> list[str]:
+    """Units of one pass of ``per_pass`` steps each, fitted to ``steps`` (:func:`fit_budget`)."""
+    units, cap = fit_budget(cfg, steps, [per_pass])
     return [*method.budget_overrides(cfg, units, n_sites), f"max_steps_per_epoch={cap}"]
 
 

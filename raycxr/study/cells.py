@@ -39,20 +39,28 @@ def spec_digest(spec: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def is_done(spec: dict[str, Any]) -> bool:
-    """Whether the cell finished with this spec (a record from before digests were kept counts as done)."""
+def cached_record(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The cell's ``cell.json`` record if it finished with this spec (a record from before digests were
+    kept counts as finished), else None."""
     done = Path(spec["dir"]) / DONE
     if not done.is_file():
-        return False
-    return json.loads(done.read_text()).get("spec", spec_digest(spec)) == spec_digest(spec)
+        return None
+    record = json.loads(done.read_text())
+    return record if record.get("spec", spec_digest(spec)) == spec_digest(spec) else None
+
+
+def is_done(spec: dict[str, Any]) -> bool:
+    """Whether the cell finished with this spec."""
+    return cached_record(spec) is not None
 
 
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Run (or read back) one cell; returns its ``cell.json`` record."""
     out = Path(spec["dir"])
     done = out / DONE
-    if is_done(spec):
-        return json.loads(done.read_text())
+    record = cached_record(spec)
+    if record is not None:
+        return record
     if done.is_file():  # made with another spec: start again (a pretraining must not resume its checkpoint)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .cells import is_done, run_cell
+from .cells import cached_record, run_cell
 
 
 @dataclass(frozen=True)
@@ -221,8 +221,8 @@ def _use_ray(cfg: DictConfig) -> bool:
 
 def execute(cells: list[Cell], cfg: DictConfig) -> dict[str, dict]:
     """Run every cell whose result is not cached, dependencies first; returns the records by key."""
-    todo = [c for c in cells if not is_done(c.spec)]
-    records = {c.key: run_cell(c.spec) for c in cells if is_done(c.spec)}
+    records = {c.key: r for c in cells if (r := cached_record(c.spec)) is not None}
+    todo = [c for c in cells if c.key not in records]
     total = sum(c.cost for c in cells)
     bar = tqdm(total=round(total), initial=round(total - sum(c.cost for c in todo)), desc="raycxr study",
                unit="img", unit_scale=True, dynamic_ncols=True)
