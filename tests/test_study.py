@@ -146,3 +146,6 @@ def test_a_cell_whose_spec_changed_runs_again(tmp_path):
     assert not is_done({**spec, "overrides": ["ark.rounds=3", "max_steps_per_epoch=17"]})
     (tmp_path / DONE).write_text(json.dumps({"steps": 85}))  # a record from before digests: kept
     assert is_done({**spec, "overrides": ["ark.rounds=3"]})
+    (tmp_path / DONE).write_text('{"steps": 8')  # a broken record: named, not a JSON traceback
+    with pytest.raises(ValueError, match=r"cell\.json: not a readable study cell record"):
+        is_done(spec)

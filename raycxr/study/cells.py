@@ -45,7 +45,11 @@ def cached_record(spec: dict[str, Any]) -> dict[str, Any] | None:
     done = Path(spec["dir"]) / DONE
     if not done.is_file():
         return None
-    record = json.loads(done.read_text())
+    try:
+        record = json.loads(done.read_text())
+    except json.JSONDecodeError as e:  # written atomically, so only a hand edit or a broken disk gets here
+        raise ValueError(f"{done}: not a readable study cell record ({e}); delete {done.parent} to run the cell "
+                         "again") from None
     return record if record.get("spec", spec_digest(spec)) == spec_digest(spec) else None
 
 
