@@ -76,10 +76,10 @@ def main() -> None:
     res["ray_train_images_per_s"] = round(epoch_rate(out["history"]), 1)
     res["ray_overhead_percent"] = round(100 * (1 - res["ray_train_images_per_s"] / res["plain_loop_images_per_s"]), 1)
     scale_log = tmp / "ray" / "autoscale.json"
-    if scale_log.is_file():  # what the default autoscaling did beside the trainer
-        res["autoscale_decisions"] = [f"{h['was']}->{h['replicas']} ({h['reason']})"
-                                      for h in json.loads(scale_log.read_text()).get("nih", [])
-                                      if h.get("reason") != "hold"]
+    if scale_log.is_file():  # what the default autoscaling did beside the trainer, every site
+        res["autoscale_decisions"] = {site: [f"{h['was']}->{h['replicas']} ({h['reason']})" for h in log
+                                             if h.get("reason") != "hold"]
+                                      for site, log in json.loads(scale_log.read_text()).items()}
 
     data = ActorData(rcfg, out["actors"], 0, 1)
     stream = data.union_loader()
