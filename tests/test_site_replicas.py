@@ -131,3 +131,28 @@ def test_an_autoscaled_site_grows_when_its_consumer_waits(cluster, tmp_path, sma
     # kept when the pass got >= 10 % faster (it should on 2 idle cores), else undone: the stream follows the pool
     undone = any(h["reason"] == "no gain" for h in log)
     assert stream.active == ([1] if undone else [2]) and stream.prefetch == stream.active[0]
+
+
+@pytest.mark.ray
+def test_an_autoscaling_window_spans_passes_without_the_pause_between_them(cluster, tmp_path, small_corpus):
+    """A site whose pass is shorter than a window still reports (the window runs on into the next pass),
+    and the consumer's time between passes (validation, checkpoints) is not counted as the site's."""
+    cfg = compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, {'min': 1, 'max': 1})}",
+                               "image_size=32", "batch_size=2", "ray.prefetch=1"])
+    sites = select_sites(cfg)
+    pools = start_site_replicas(cfg, sites, "t-window")
+    scalers = start_site_pools(cfg, sites, "t-window", pools)
+    data = ActorData(cfg, {"vindr": pools["vindr"][0]}, 0, 1, replicas=pools, scalers=scalers)
+    stream = data.union_loader()
+    per_pass = len(stream)
+    stream.scale_every = per_pass + 1  # a window needs more batches than one pass has
+    list(stream)  # the datasets are built in the actor on the first pass
+    assert ray.get(scalers["vindr"].log.remote()) == []  # one pass: no window complete yet
+    t0 = time.perf_counter()
+    list(stream)
+    pass_s = time.perf_counter() - t0
+    time.sleep(1.5 + 2 * pass_s)  # the consumer's pause between passes
+    list(stream)
+    log = ray.get(scalers["vindr"].log.remote())
+    assert len(log) >= 1  # reported across the pass boundary
+    assert log[0]["window_s"] < 1.5 + 2 * pass_s  # the pause was left out of the window

@@ -71,7 +71,8 @@ class ActorStream:
         replicas: per site, the actors that serve its batches (default: ``[actor]``).
         scalers: per site, its autoscaling pool actor (:mod:`raycxr.sites.autoscale`) or None; every
             ``scale_every`` batches the stream reports how long it waited for each such site and how long
-            its replicas served, and routes to the pool the answer names.
+            its replicas served, and routes to the pool the answer names. A window runs on across passes,
+            without the time between them.
         **batch_kw: passed to ``SiteActorImpl.batch`` (``union_names``, ``train``, ``split``...).
     """
 
@@ -91,6 +92,9 @@ class ActorStream:
         self._turn = [0] * len(self.pools)
         self.served: list[tuple[int, int, list[int]]] = []  # this pass's requests: (site, replica, indices)
         self.waited = 0.0  # seconds the consumer waited for batches in this pass
+        # An autoscaling window spans passes (a site whose pass is shorter than ``scale_every`` batches
+        # would otherwise never report); the time between two passes is not counted in it.
+        self._paused_at: float | None = None
         self._window()
 
     @property
@@ -169,7 +173,9 @@ class ActorStream:
         chunks = self._chunks()
         self.epoch += 1
         self.served, self.waited = [], 0.0
-        self._window()
+        if self._paused_at is not None:  # the window runs on across passes; the pause between them is
+            self._win_start += time.perf_counter() - self._paused_at  # the consumer's, not the site's: left out
+            self._paused_at = None
         pending: deque = deque()
         it = iter(chunks)
         try:
@@ -201,6 +207,7 @@ class ActorStream:
         finally:  # a consumer that stops early (max_steps_per_epoch) leaves requests behind: not in flight for us
             while pending:
                 self._done(pending.popleft())
+            self._paused_at = time.perf_counter()
 
     def _done(self, parts: list[tuple[int, int, Any]]) -> None:
         for a, r, _ in parts:
