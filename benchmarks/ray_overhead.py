@@ -8,10 +8,13 @@ compares images/s measured inside the epoch (start-up excluded):
   processes (default 1) decoding beside the training process (one thread);
 - the Ray path: one Ray Train worker (one thread) and one site actor per site serving batches.
 
-With one site, both use two processes. Also measures the site actors' serving rate alone (batches
-pulled as fast as possible, no training), which must exceed what the trainer consumes.
+With one site, both use two processes. The two paths run in ``--rounds`` alternating rounds (the order
+swapped every round: plain, Ray, Ray, plain, ...) on one Ray cluster, so that both see the same drift in
+a shared machine's load; the overhead is the median of the rounds' ratios, with their range. Also
+measures the site actors' serving rate alone (batches pulled as fast as possible, no training), which
+must exceed what the trainer consumes.
 
-    python benchmarks/ray_overhead.py [--steps 40] [--out benchmarks/results]
+    python benchmarks/ray_overhead.py [--steps 40] [--rounds 3] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,10 +38,28 @@ def epoch_rate(history: list[dict]) -> float:
     return sum(r["images"] for r in h) / sum(r["seconds"] for r in h)
 
 
+def stop_run_actors(run_name: str, sites: list[str], replicas: dict) -> None:
+    """Kill a finished run's site replicas and pools, so the next round starts on idle cores."""
+    import ray
+
+    from raycxr.sites.actor import NAMESPACE
+    from raycxr.sites.autoscale import pool_name
+
+    for site in sites:
+        try:
+            ray.kill(ray.get_actor(pool_name(run_name, site), namespace=NAMESPACE))
+        except ValueError:  # a site with a fixed count has no pool
+            pass
+    for handles in replicas.values():
+        for h in handles:
+            ray.kill(h)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--loader-workers", type=int, default=1)
     ap.add_argument("--images", type=int, default=None, help="synthesize one site of this many images (default: "
                     "the registered demo sites)")
@@ -61,36 +83,53 @@ def main() -> None:
                                "(1 thread)",
                  "ray_path": "1 Ray Train worker (1 thread) + the site's actors (ray.site_replicas: auto, from 1)",
                  "load_average_start": round(os.getloadavg()[0], 2)}
-    local = run_pretrain(compose("pretrain", [*common, f"num_workers={args.loader_workers}", f"out={tmp / 'local'}"]))
-    res["plain_loop_images_per_s"] = round(epoch_rate(local["history"]), 1)
-    res["steps_trained_per_epoch"] = [int(h["steps"]) for h in local["history"]]
-
     import ray
+    from tqdm import tqdm
 
     from raycxr.train.ray_runner import ActorData, run_pretrain_ray
 
+    # one cluster for every round: the plain loop runs beside the same idle Ray processes as the Ray path
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    rcfg = compose("pretrain", [*common, "runner=ray", f"out={tmp / 'ray'}", f"ray.storage_path={tmp / 'store'}",
-                                "ray.run_name=bench"])
-    out = run_pretrain_ray(rcfg)
-    res["ray_train_images_per_s"] = round(epoch_rate(out["history"]), 1)
-    res["ray_overhead_percent"] = round(100 * (1 - res["ray_train_images_per_s"] / res["plain_loop_images_per_s"]), 1)
-    scale_log = tmp / "ray" / "autoscale.json"
-    if scale_log.is_file():  # what the default autoscaling did beside the trainer, every site
-        res["autoscale_decisions"] = {site: [f"{h['was']}->{h['replicas']} ({h['reason']})" for h in log
-                                             if h.get("reason") != "hold"]
-                                      for site, log in json.loads(scale_log.read_text()).items()}
-
-    data = ActorData(rcfg, out["actors"], 0, 1)
-    stream = data.union_loader()
-    t, n = time.perf_counter(), 0
-    for i, b in enumerate(stream):
-        n += len(b["image"])
-        if i + 1 >= args.steps:
-            break
-    res["site_actor_serving_images_per_s"] = round(n / (time.perf_counter() - t), 1)
+    rounds: list[dict] = []
+    for k in tqdm(range(args.rounds), desc="rounds"):
+        row: dict = {}
+        for path in (("plain", "ray") if k % 2 == 0 else ("ray", "plain")):
+            if path == "plain":
+                local = run_pretrain(compose("pretrain", [*common, f"num_workers={args.loader_workers}",
+                                                          f"out={tmp / f'local{k}'}"]))
+                row["plain_loop_images_per_s"] = round(epoch_rate(local["history"]), 2)
+                continue
+            rcfg = compose("pretrain", [*common, "runner=ray", f"out={tmp / f'ray{k}'}",
+                                        f"ray.storage_path={tmp / 'store'}", f"ray.run_name=bench{k}"])
+            out = run_pretrain_ray(rcfg)
+            row["ray_train_images_per_s"] = round(epoch_rate(out["history"]), 2)
+            scale_log = tmp / f"ray{k}" / "autoscale.json"
+            if scale_log.is_file():  # what the default autoscaling did beside the trainer, every site
+                row["autoscale_decisions"] = {site: [f"{h['was']}->{h['replicas']} ({h['reason']})" for h in log
+                                                     if h.get("reason") != "hold"]
+                                              for site, log in json.loads(scale_log.read_text()).items()}
+            if k == args.rounds - 1:  # the sites' serving rate alone, once
+                stream = ActorData(rcfg, out["actors"], 0, 1).union_loader()
+                t, n = time.perf_counter(), 0
+                for i, b in enumerate(stream):
+                    n += len(b["image"])
+                    if i + 1 >= args.steps:
+                        break
+                res["site_actor_serving_images_per_s"] = round(n / (time.perf_counter() - t), 1)
+            stop_run_actors(f"bench{k}", out["sites"], out["replicas"])
+        ratio = row["ray_train_images_per_s"] / row["plain_loop_images_per_s"]
+        row["ray_overhead_percent"] = round(100 * (1 - ratio), 1)
+        row["order"] = "plain, ray" if k % 2 == 0 else "ray, plain"
+        rounds.append(row)
+        tqdm.write(json.dumps(row))
     ray.shutdown()
-    res["load_average_end"] = round(os.getloadavg()[0], 2)
+    overheads = [r["ray_overhead_percent"] for r in rounds]
+    res.update({"rounds": rounds,
+                "plain_loop_images_per_s": round(statistics.median(r["plain_loop_images_per_s"] for r in rounds), 1),
+                "ray_train_images_per_s": round(statistics.median(r["ray_train_images_per_s"] for r in rounds), 1),
+                "ray_overhead_percent": round(statistics.median(overheads), 1),
+                "ray_overhead_percent_range": [min(overheads), max(overheads)],
+                "load_average_end": round(os.getloadavg()[0], 2)})
     shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "ray_overhead.json").write_text(json.dumps(res, indent=2))

@@ -1,15 +1,18 @@
 """Scale-out figures on this machine (one run; ratios are what carry over to a cluster).
 
 1. **Replicas**: images/s one site serves through :class:`~raycxr.train.ray_runner.ActorStream` from 1
-   and from 2 replicas and from an autoscaled pool (``ray.site_replicas=auto``, starting at 1, timed once
-   its step up has been judged; train transforms, no decode cache, ``PASSES`` passes timed), beside the
-   images/s a trainer consumes (ResNet-18 + union head, one step = forward + backward + AdamW, same size
-   and batch).
+   and from 2 replicas (train transforms, no decode cache, ``PASSES`` passes timed), beside the images/s a
+   trainer consumes (ResNet-18 + union head, one step = forward + backward + AdamW, same size and batch);
+   and an autoscaled pool (``ray.site_replicas=auto`` from 1, default windows, timed once its steps have
+   been judged) beside 2 fixed replicas measured just before it.
 1b. **Ray Data**, the alternative the issue names: ``read_parquet`` of the site's manifest (train split)
    -> ``map_batches`` of the same decode + train transforms (``site_dataset`` in a callable class) with
    ``concurrency`` 1 and 2 -> ``iter_torch_batches``, as many passes in one execution, timed from its
-   first batch (the map actors started once); so the two data planes are compared on the same images,
-   transforms, batch size and cores.
+   first decode to its last batch (the map actors started once); so the two data planes are compared
+   on the same images, transforms, batch size and cores. Both also give their serving process's own
+   rate (images per second of decode time), which tells a difference in the plane from one in the work.
+   Actor replicas and Ray Data are measured in ``ROUNDS`` alternating rounds (medians, and each round's
+   ratio), as the load of a shared machine drifts between runs.
 2. **Decode cache**: epoch times of one site's train split (``site_dataset`` in one process, train
    transforms) without and with the cache, epochs 1..3: the first fills the cache, later ones read it.
 3. **Gradient sync**: step time of ResNet-18 on 2 gloo processes (one thread each) with today's
@@ -74,11 +77,13 @@ def trainer_rate(steps: int = 6) -> float:
     return BATCH / statistics.median(times[1:])
 
 
-PASSES = 5  # timed passes over the site's train split, after the warm-up
+PASSES = 10  # timed passes over the site's train split, after the warm-up
 
 
 class _DecodeBatch:
-    """Ray Data's stage: the site's own dataset (decode, preprocessing, train transforms) in each worker."""
+    """Ray Data's stage: the site's own dataset (decode, preprocessing, train transforms) in each worker.
+    Each batch carries when its decode started and ended (``t0``, ``t1``), so the stage's own rate can be
+    read off the batches, independent of how Ray Data groups them into blocks."""
 
     def __init__(self, site: object, transforms: dict) -> None:
         from raycxr.dataset import site_dataset
@@ -87,13 +92,21 @@ class _DecodeBatch:
         self.row = {iid: i for i, iid in enumerate(self.ds.df["image_id"])}
 
     def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
         items = [self.ds[self.row[iid]] for iid in batch["image_id"]]
+        n = len(items)
         return {"image": np.stack([it["image"].numpy() for it in items]),
-                "labels": np.stack([it["labels"].numpy() for it in items])}
+                "labels": np.stack([it["labels"].numpy() for it in items]),
+                "t0": np.full(n, t0), "t1": np.full(n, time.perf_counter())}
 
 
 def ray_data_rates(overrides: list[str]) -> dict:
-    """Images/s of a Ray Data pipeline over the same site, transforms and batch size (``concurrency`` 1, 2)."""
+    """Images/s of a Ray Data pipeline over the same site, transforms and batch size (``concurrency`` 1, 2).
+
+    Timed like the actor stream, from the first decode to the last batch received, so every image counts
+    and start-up does not. (Timing from the first batch *received* overstates Ray Data: its map stage
+    fills whole output blocks, so by the first batch it has decoded many more.) ``busy``: images per
+    second of decode time inside the stage, the per-process cost."""
     import ray
     from omegaconf import OmegaConf
 
@@ -107,24 +120,23 @@ def ray_data_rates(overrides: list[str]) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     out = {}
     try:
-        # the manifest read once (on 2 CPUs a read task waiting beside two map actors would deadlock);
-        # PASSES copies in one execution, timed from the first batch (the map actors start once, as they
-        # would for a trainer streaming one long epoch: the measure most favourable to Ray Data). Not
-        # "after the first pass": Ray Data does not keep the order, so by the time one pass's worth of
-        # images has arrived its actors have already decoded part of the next ones.
+        # the manifest read once (on 2 CPUs a read task waiting beside two map actors would deadlock) and
+        # cut into one block per batch, so that batches stream one at a time as they would to a trainer;
+        # PASSES copies in one execution (the map actors start once, as for one long epoch)
         rows = (ray.data.read_parquet(str(site.manifest_path), columns=["image_id", "split"])
                 .filter(lambda r: r["split"] == "train").materialize())
+        rows = rows.repartition(-(-rows.count() // BATCH)).materialize()
         for c in (1, 2):
             ds = rows.union(*[rows] * (PASSES - 1)).map_batches(
                 _DecodeBatch, fn_constructor_args=(site.resolved(), transforms), batch_size=BATCH, concurrency=c,
                 num_cpus=1)
-            k, t0 = 0, None
+            k, spans = 0, {}  # (t0, t1) of every decode call: the stage's own timing (one host, one clock)
             for b in ds.iter_torch_batches(batch_size=BATCH):
-                if t0 is None:  # the first batch: the actors are up
-                    t0 = time.perf_counter()
-                else:
-                    k += len(b["image"])
-            out[f"concurrency_{c}_images_per_s"] = round(k / (time.perf_counter() - t0), 1)
+                k += len(b["image"])
+                spans.update(zip(b["t0"].tolist(), b["t1"].tolist()))
+            out[f"concurrency_{c}_images_per_s"] = round(k / (time.perf_counter() - min(spans)), 1)
+            if c == 1:
+                out["busy_images_per_s"] = round(k / sum(t1 - t0 for t0, t1 in spans.items()), 1)
     finally:
         ray.shutdown()
     out["speed_up_2_vs_1"] = round(out["concurrency_2_images_per_s"] / out["concurrency_1_images_per_s"], 2)
@@ -158,7 +170,7 @@ def decisions(log: list[dict]) -> str:
     return ", ".join(text) or "no change"
 
 
-def replica_rates(overrides: list[str]) -> dict:
+def replica_rates(overrides: list[str], counts: tuple = (1, 2, "auto"), every: int = 2) -> dict:
     import ray
 
     from raycxr.config import compose
@@ -169,8 +181,8 @@ def replica_rates(overrides: list[str]) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
     out = {}
     try:
-        for n in (1, 2, "auto"):
-            cfg = compose("pretrain", [*overrides, f"ray.site_replicas={n}", "ray.autoscale.every=2"])
+        for n in counts:
+            cfg = compose("pretrain", [*overrides, f"ray.site_replicas={n}", f"ray.autoscale.every={every}"])
             sites = select_sites(cfg)
             pools = start_site_replicas(cfg, sites, f"bench-r{n}")
             scalers = start_site_pools(cfg, sites, f"bench-r{n}", pools)
@@ -183,11 +195,16 @@ def replica_rates(overrides: list[str]) -> dict:
                 log = ray.get(scalers["nih"].log.remote()) if n == "auto" else []
                 if n != "auto" or judged(log) or time.perf_counter() - t_warm > 120:
                     break
+            before = ray.get([a.stats.remote() for a in pools["nih"]])
             t0, k = time.perf_counter(), 0
             for _ in range(PASSES):
                 for b in stream:
                     k += len(b["image"])
             out[f"replicas_{n}_images_per_s"] = round(k / (time.perf_counter() - t0), 1)
+            if n == 1:  # the replica's own decode time, as for Ray Data's stage
+                after = ray.get(pools["nih"][0].stats.remote())
+                out["busy_images_per_s"] = round((after["served"] - before[0]["served"])
+                                                 / (after["busy_s"] - before[0]["busy_s"]), 1)
             if n == "auto":
                 log = ray.get(scalers["nih"].log.remote())
                 out["auto_replicas_at_end"] = stream.active[0]
@@ -198,7 +215,35 @@ def replica_rates(overrides: list[str]) -> dict:
                     ray.kill(a)
     finally:
         ray.shutdown()
-    out["speed_up_2_vs_1"] = round(out["replicas_2_images_per_s"] / out["replicas_1_images_per_s"], 2)
+    if "replicas_1_images_per_s" in out and "replicas_2_images_per_s" in out:
+        out["speed_up_2_vs_1"] = round(out["replicas_2_images_per_s"] / out["replicas_1_images_per_s"], 2)
+    return out
+
+
+# The autoscaled pool's window: the default (ray.autoscale.every). With 2-batch windows (~0.1 s here) the
+# step-up judgement was noise: on 2 cores it kept steps up to 4 replicas.
+AUTOSCALE_EVERY = 20
+ROUNDS = 3  # alternating rounds of the two data planes: on a shared machine the load drifts between runs
+
+
+def data_planes(overrides: list[str], rounds: int = ROUNDS) -> dict:
+    """The actor replicas (1, 2) and Ray Data (concurrency 1, 2) in ``rounds`` alternating rounds, so that
+    both see the same drift in the machine's load; medians over the rounds, and each round's ratio."""
+    from tqdm import tqdm
+
+    runs = []
+    for _ in tqdm(range(rounds), desc="data planes"):
+        run = replica_rates(overrides, counts=(1, 2))
+        run.update({f"ray_data_{k}": v for k, v in ray_data_rates(overrides).items()})
+        runs.append(run)
+    out: dict = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
+    for name, a, b in (("ray_data_vs_actor_1", "ray_data_concurrency_1_images_per_s", "replicas_1_images_per_s"),
+                       ("ray_data_vs_actor_2", "ray_data_concurrency_2_images_per_s", "replicas_2_images_per_s"),
+                       ("ray_data_vs_actor_busy", "ray_data_busy_images_per_s", "busy_images_per_s")):
+        ratios = [r[a] / r[b] for r in runs]
+        out[name] = {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
+                     "max": round(max(ratios), 2)}
+    out["rounds"] = runs
     return out
 
 
@@ -336,19 +381,28 @@ def per_core_rates(tmp: Path) -> dict:
 
 
 def markdown(res: dict) -> str:
-    r, c, g, p = res["replicas"], res["decode_cache"], res["grad_sync"], res["per_core"]
-    d = res["ray_data"]
+    r, c, g, p = res["data_planes"], res["decode_cache"], res["grad_sync"], res["per_core"]
+    a = res["autoscaled"]
+
+    def ratio(q: dict) -> str:
+        return f"{q['median']}x (rounds {q['min']}-{q['max']})"
+
     w, k = c["without_cache"]["epoch_seconds"], c["with_cache"]["epoch_seconds"]
     lines = ["# Scale-out benchmark (`benchmarks/scaleout.py`)", "", res["note"], "",
              "| measure | figure |", "|---|---|",
              f"| site serving, 1 replica | {r['replicas_1_images_per_s']} images/s |",
              f"| site serving, 2 replicas | {r['replicas_2_images_per_s']} images/s ({r['speed_up_2_vs_1']}x) |",
-             f"| site serving, autoscaled (`auto`, from 1) | {r['replicas_auto_images_per_s']} images/s, "
-             f"{r['auto_replicas_at_end']} replicas at the end ({r['auto_decisions']}; timed after "
-             f"{r['auto_warm_up_s']} s of warm-up) |",
-             f"| Ray Data, `map_batches` concurrency 1 | {d['concurrency_1_images_per_s']} images/s |",
-             f"| Ray Data, `map_batches` concurrency 2 | {d['concurrency_2_images_per_s']} images/s "
-             f"({d['speed_up_2_vs_1']}x) |",
+             f"| Ray Data, `map_batches` concurrency 1 | {r['ray_data_concurrency_1_images_per_s']} images/s; "
+             f"{ratio(r['ray_data_vs_actor_1'])} the replica's |",
+             f"| Ray Data, `map_batches` concurrency 2 | {r['ray_data_concurrency_2_images_per_s']} images/s; "
+             f"{ratio(r['ray_data_vs_actor_2'])} the 2 replicas' |",
+             f"| decode time per image in the serving process: site replica / Ray Data stage | "
+             f"{r['busy_images_per_s']} / {r['ray_data_busy_images_per_s']} images/s of busy time; "
+             f"{ratio(r['ray_data_vs_actor_busy'])} |",
+             f"| site serving, autoscaled (`auto` from 1, windows of {AUTOSCALE_EVERY} batches) beside 2 fixed "
+             f"replicas just before | {a['replicas_auto_images_per_s']} vs {a['replicas_2_images_per_s']} images/s, "
+             f"{a['auto_replicas_at_end']} replicas at the end ({a['auto_decisions']}; timed after "
+             f"{a['auto_warm_up_s']} s of warm-up) |",
              f"| trainer consumption (ResNet-18, {SIZE} px, batch {BATCH}, 1 thread) | "
              f"{res['trainer_images_per_s']} images/s |",
              f"| epoch s without cache (epochs 1-3, {c['without_cache']['images']} images) | {w} |",
@@ -380,8 +434,9 @@ def main() -> None:
         res["decode_cache"] = cache_epochs(overrides, tmp)
         res["grad_sync"] = grad_sync_times(tmp)
         res["per_core"] = per_core_rates(tmp)
-        res["replicas"] = replica_rates(overrides)
-        res["ray_data"] = ray_data_rates(overrides)
+        res["data_planes"] = data_planes(overrides)
+        # the autoscaled pool beside 2 fixed replicas measured just before it
+        res["autoscaled"] = replica_rates(overrides, counts=(2, "auto"), every=AUTOSCALE_EVERY)
         res["note"] = (f"One run on {os.cpu_count()} cores, 1-minute load average {load0:.1f} at the start and "
                        f"{os.getloadavg()[0]:.1f} at the end: absolute figures are noisy, the ratios within the run "
                        "are what carries over.")
