@@ -10,7 +10,8 @@ compares images/s measured inside the epoch (start-up excluded):
 
 With one site, both use two processes. The two paths run in ``--rounds`` alternating rounds (the order
 swapped every round: plain, Ray, Ray, plain, ...) on one Ray cluster, so that both see the same drift in
-a shared machine's load; the overhead is the median of the rounds' ratios, with their range. Also
+a shared machine's load; the overhead is the median of the rounds' ratios, with their range. Each path's
+share of time spent waiting for batches comes from the driver's per-epoch ``data_wait_s``. Also
 measures the site actors' serving rate alone (batches pulled as fast as possible, no training), which
 must exceed what the trainer consumes.
 
@@ -36,6 +37,12 @@ def epoch_rate(history: list[dict]) -> float:
     # skip the first epoch (warm-up: model build, first reads, actor start)
     h = history[1:] or history
     return sum(r["images"] for r in h) / sum(r["seconds"] for r in h)
+
+
+def wait_share(history: list[dict]) -> float:
+    """The share of those epochs the trainer spent waiting for batches (``data_wait_s``, the driver's log)."""
+    h = history[1:] or history
+    return round(sum(r["data_wait_s"] for r in h) / sum(r["seconds"] for r in h), 3)
 
 
 def stop_run_actors(run_name: str, sites: list[str], replicas: dict) -> None:
@@ -98,11 +105,13 @@ def main() -> None:
                 local = run_pretrain(compose("pretrain", [*common, f"num_workers={args.loader_workers}",
                                                           f"out={tmp / f'local{k}'}"]))
                 row["plain_loop_images_per_s"] = round(epoch_rate(local["history"]), 2)
+                row["plain_loop_data_wait_share"] = wait_share(local["history"])
                 continue
             rcfg = compose("pretrain", [*common, "runner=ray", f"out={tmp / f'ray{k}'}",
                                         f"ray.storage_path={tmp / 'store'}", f"ray.run_name=bench{k}"])
             out = run_pretrain_ray(rcfg)
             row["ray_train_images_per_s"] = round(epoch_rate(out["history"]), 2)
+            row["ray_train_data_wait_share"] = wait_share(out["history"])
             scale_log = tmp / f"ray{k}" / "autoscale.json"
             if scale_log.is_file():  # what the default autoscaling did beside the trainer, every site
                 row["autoscale_decisions"] = {site: [f"{h['was']}->{h['replicas']} ({h['reason']})" for h in log
@@ -129,6 +138,8 @@ def main() -> None:
                 "ray_train_images_per_s": round(statistics.median(r["ray_train_images_per_s"] for r in rounds), 1),
                 "ray_overhead_percent": round(statistics.median(overheads), 1),
                 "ray_overhead_percent_range": [min(overheads), max(overheads)],
+                **{f"{k}_data_wait_share": statistics.median(r[f"{k}_data_wait_share"] for r in rounds)
+                   for k in ("plain_loop", "ray_train")},
                 "load_average_end": round(os.getloadavg()[0], 2)})
     shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,15 @@
 """CPU smoke runs of every method from the config, on the small synthetic corpus."""
 
+import time
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from raycxr.checkpoint import Checkpoint
 from raycxr.config import compose
 from raycxr.methods import load_pretrained
-from raycxr.train.local import run_pretrain
+from raycxr.train.local import DataWait, EpochLoader, run_pretrain
 
 SMALL = ["image_size=64", "batch_size=8", "encoder.embed_dim=32", "ark.proj_dim=32",
          "unichest.query={n_layers: 2, n_heads: 2, ffn: 64, dropout: 0.0, lambda_local: 1.0, lambda_global: 0.4}",
@@ -76,6 +79,8 @@ def test_ark_rounds_ema_and_a_site_joining(small_sites, tmp_path):
 def test_baselines_run(small_sites, tmp_path, method, extra):
     res = run_pretrain(cfg(small_sites, tmp_path, f"method={method}", "baseline.epochs=2", *extra))
     assert len(res["history"]) == 2 and all(r["loss"] > 0 for r in res["history"])
+    # the time spent waiting for batches (decoding, with num_workers=0) is logged per unit, within it
+    assert all(0 < r["data_wait_s"] <= r["seconds"] and 0 < r["data_wait_frac"] <= 1 for r in res["history"])
     pre = load_pretrained(tmp_path)
     assert pre.classifier(torch.rand(2, 1, 64, 64)).shape == (2, len(pre.class_names))
 
@@ -107,3 +112,20 @@ def test_bad_method_and_sites(small_sites, tmp_path):
         run_pretrain(cfg(small_sites, tmp_path, "site_names=[nope]"))
     with pytest.raises(ValueError, match="exactly one site"):
         run_pretrain(cfg(small_sites, tmp_path, "method=single"))
+
+
+def test_a_training_loader_measures_the_time_its_trainer_waits():
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> dict:
+            time.sleep(0.05)
+            return {"image": torch.zeros(1)}
+
+    wait = DataWait()
+    loader = EpochLoader(Slow(), OmegaConf.create({"seed": 0, "batch_size": 2, "num_workers": 0}), wait=wait)
+    assert len(list(loader)) == 2 and wait.seconds >= 0.2  # four items of 50 ms, all waited for
+    assert wait.take() >= 0.2 and wait.seconds == 0.0  # taken: the next unit starts from zero
+    untimed = EpochLoader(Slow(), OmegaConf.create({"seed": 0, "batch_size": 2, "num_workers": 0}))
+    assert len(list(untimed)) == 2 and wait.seconds == 0.0  # a loader without one (validation) adds nothing

@@ -50,6 +50,7 @@ def test_ark_on_two_train_workers_hands_heads_back_and_resumes(cluster, small_co
             "max_steps_per_epoch=2", "ray.site_replicas=auto", "ray.autoscale.max=2", "ray.autoscale.every=1"]
     res = run_pretrain_ray(compose("pretrain", [*base, "ark.rounds=1"]))
     assert [h["site"] for h in res["history"]] == ["nih", "siim"]
+    assert all(0 < h["data_wait_s"] <= h["seconds"] for h in res["history"])  # waited for the actors, logged
     # every site autoscaled: each pool decided on both workers' windows, within its bounds, and logged it
     log = json.loads((tmp_path / "run" / "autoscale.json").read_text())
     assert set(log) == {"nih", "siim"} and all(d and all(1 <= x["replicas"] <= 2 for x in d) for d in log.values())

@@ -55,8 +55,8 @@ class Method:
         sites: the run's sites by name, in registration order.
         data: the data plane: ``union``, ``label_names``, ``union_loader()``, ``site_loaders()``,
             ``site_classes()``, ``probe()``, ``val_batches()``, ``distribute(optimizer)``,
-            ``site_heads()``, ``hand_back_heads()`` (:class:`raycxr.train.local.LocalData` or the
-            Ray runner's site-actor plane).
+            ``site_heads()``, ``hand_back_heads()``, ``take_wait()`` (seconds waited for training batches,
+            logged per unit) (:class:`raycxr.train.local.LocalData` or the Ray runner's site-actor plane).
     """
 
     name: ClassVar[str] = ""

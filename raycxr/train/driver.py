@@ -84,9 +84,12 @@ def run_schedule(method: Method, run: Run, resume: Checkpoint | None) -> dict[st
         unit = units[pos]
         method.start_unit(unit, pos)
         t0 = time.perf_counter()
+        method.data.take_wait()  # what the trainer waited for batches in this unit only
         means = method.run_unit(unit, pos)
+        waited = method.data.take_wait()
         record = {"method": method.name, **unit.fields, "position": pos, **means, **method.probe(unit),
                   **_validate(method)}
+        record["data_wait_s"] = round(waited, 2)
         history.append(record)
         _report(run, bar, record, t0)
         method.after_unit(unit, pos, record)
@@ -117,7 +120,10 @@ def _report(run: Run, bar: tqdm, record: dict, t0: float) -> None:
     record["seconds"] = round(time.perf_counter() - t0, 2)
     train_s = record["seconds"] - record.get("val_seconds", 0.0)  # training throughput, validation excluded
     record["images_per_s"] = round(record.get("images", 0) / max(train_s, 1e-9), 1)
+    # the share of training time spent waiting for batches: near 0 when the data plane keeps up
+    record["data_wait_frac"] = round(min(1.0, record.get("data_wait_s", 0.0) / max(train_s, 1e-9)), 3)
     run.log(record)
     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", ips=record["images_per_s"],
+                    wait=f"{record['data_wait_frac']:.0%}",
                     **({"val_auc": record["val_auc"]} if record.get("val_auc") is not None else {}))
     bar.update(1)

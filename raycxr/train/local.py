@@ -7,6 +7,7 @@ site actors there).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -31,11 +32,31 @@ def select_sites(cfg: DictConfig) -> dict[str, SiteConfig]:
     return {s: sites[s] for s in wanted}
 
 
+class DataWait:
+    """Seconds a trainer spent waiting for its training batches, summed until taken: each data plane
+    keeps one, its training loaders add to it, and the driver logs it per unit (``data_wait_s``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+_END = object()
+
+
 class EpochLoader:
     """A DataLoader whose shuffle order is a function of (seed, epoch): ``set_epoch`` before iterating,
-    so a resumed run sees every epoch in the order an uninterrupted run would."""
+    so a resumed run sees every epoch in the order an uninterrupted run would. ``wait``: where the time
+    spent waiting for each batch goes (training loaders)."""
 
-    def __init__(self, ds: Dataset, cfg: DictConfig, *, shuffle: bool = True) -> None:
+    def __init__(self, ds: Dataset, cfg: DictConfig, *, shuffle: bool = True, wait: DataWait | None = None) -> None:
+        self.wait = wait
         self.seed = int(cfg.seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.num_workers,
@@ -46,7 +67,17 @@ class EpochLoader:
         self.generator.manual_seed(self.seed * 1_000_003 + int(epoch))
 
     def __iter__(self) -> Iterator:
-        return iter(self.loader)
+        return iter(self.loader) if self.wait is None else self._timed()
+
+    def _timed(self) -> Iterator:
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, _END)
+            self.wait.add(time.perf_counter() - t0)
+            if batch is _END:
+                return
+            yield batch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -65,6 +96,11 @@ class LocalData:
         self.union = UnionLabelSpace.build(self.label_names)
         self.transforms = OmegaConf.to_container(cfg.transforms, resolve=True)
         self._val: EpochLoader | None = None
+        self.wait = DataWait()
+
+    def take_wait(self) -> float:
+        """Seconds the trainer waited for training batches since the last call."""
+        return self.wait.take()
 
     def datasets(self, *, split: str = "train", train: bool = True, union: bool = False,
                  second_view: bool | str = False) -> dict[str, SiteDataset]:
@@ -80,10 +116,11 @@ class LocalData:
     def union_loader(self, second_view: bool | str = False) -> EpochLoader:
         """Every site's train split in one shuffled stream, union targets (``second_view`` as in
         :func:`raycxr.dataset.site_dataset`)."""
-        return EpochLoader(ConcatDataset(list(self.datasets(union=True, second_view=second_view).values())), self.cfg)
+        return EpochLoader(ConcatDataset(list(self.datasets(union=True, second_view=second_view).values())), self.cfg,
+                           wait=self.wait)
 
     def site_loaders(self, second_view: bool = True) -> dict[str, EpochLoader]:
-        return {n: EpochLoader(d, self.cfg) for n, d in self.datasets(second_view=second_view).items()}
+        return {n: EpochLoader(d, self.cfg, wait=self.wait) for n, d in self.datasets(second_view=second_view).items()}
 
     def val_batches(self) -> Iterable | None:
         """Un-augmented val split of every site, union targets (``None`` when validation is off)."""

@@ -33,7 +33,7 @@ from ..labels import UnionLabelSpace
 from ..methods import get_method, import_plugins
 from .driver import Run, train_method
 from .grad_sync import BucketedGradSync, GradAllReduce
-from .local import select_sites, val_enabled
+from .local import DataWait, select_sites, val_enabled
 from .ray_launch import absolute_paths, build_trainer, init_ray, start_site_pools, start_site_replicas
 
 
@@ -73,13 +73,16 @@ class ActorStream:
             ``scale_every`` batches the stream reports how long it waited for each such site and how long
             its replicas served, and routes to the pool the answer names. A window runs on across passes,
             without the time between them.
+        wait: where the seconds waited for each batch also go (the data plane's :class:`DataWait`).
         **batch_kw: passed to ``SiteActorImpl.batch`` (``union_names``, ``train``, ``split``...).
     """
 
     def __init__(self, actors: list, sizes: list[int], batch_size: int, *, seed: int, rank: int = 0,
                  world: int = 1, prefetch: int = 4, drop_last: bool = True, replicas: list[list] | None = None,
-                 scalers: list | None = None, scale_every: int = 20, **batch_kw: Any) -> None:
+                 scalers: list | None = None, scale_every: int = 20, wait: DataWait | None = None,
+                 **batch_kw: Any) -> None:
         self.actors, self.sizes, self.batch_size = actors, sizes, batch_size
+        self.wait = wait
         self.pools = [list(p) for p in replicas] if replicas else [[a] for a in actors]
         self.active = [len(p) for p in self.pools]  # the first active[a] replicas of site a serve
         self.scalers = list(scalers) if scalers and any(x is not None for x in scalers) else None
@@ -194,6 +197,8 @@ class ActorStream:
                 got = ray.get(refs)
                 dt = time.perf_counter() - t0
                 self.waited += dt
+                if self.wait is not None:
+                    self.wait.add(dt)
                 slow = {a for a, _, ref in parts if ref in late}  # the sites this batch waited for
                 for a in slow:
                     self._win_wait[a] += dt / len(slow)
@@ -231,6 +236,11 @@ class ActorData:
         self.label_names = {n: list(i["label_names"]) for n, i in self.info.items()}
         self.union = UnionLabelSpace.build(self.label_names)
         self.union_names = tuple(self.union.names)
+        self.wait = DataWait()
+
+    def take_wait(self) -> float:
+        """Seconds the trainer waited for training batches since the last call."""
+        return self.wait.take()
 
     def site_classes(self) -> dict[str, int]:
         return {n: len(i["label_names"]) for n, i in self.info.items()}
@@ -244,7 +254,8 @@ class ActorData:
                            rank=self.rank, world=self.world, prefetch=int(self.cfg.ray.prefetch),
                            replicas=[self.replicas[n] for n in names],
                            scalers=[self.scalers.get(n) for n in names],
-                           scale_every=int(OmegaConf.select(self.cfg, "ray.autoscale.every", default=20)), **kw)
+                           scale_every=int(OmegaConf.select(self.cfg, "ray.autoscale.every", default=20)),
+                           wait=self.wait, **kw)
 
     def union_loader(self, second_view: bool | str = False) -> ActorStream:
         return self._stream(list(self.actors), union_names=self.union_names, second_view=second_view)
