@@ -73,7 +73,7 @@ class ActorStream:
             ``scale_every`` batches the stream reports how long it waited for each such site and how long
             its replicas served, and routes to the pool the answer names. A window runs on across passes,
             without the time between them.
-        wait: where the seconds waited for each batch also go (the data plane's :class:`DataWait`).
+        wait: where the seconds waited for each batch go (the data plane's :class:`DataWait`).
         **batch_kw: passed to ``SiteActorImpl.batch`` (``union_names``, ``train``, ``split``...).
     """
 
@@ -94,7 +94,6 @@ class ActorStream:
         self.inflight = [[0] * len(p) for p in self.pools]
         self._turn = [0] * len(self.pools)
         self.served: list[tuple[int, int, list[int]]] = []  # this pass's requests: (site, replica, indices)
-        self.waited = 0.0  # seconds the consumer waited for batches in this pass
         # An autoscaling window spans passes (a site whose pass is shorter than ``scale_every`` batches
         # would otherwise never report); the time between two passes is not counted in it.
         self._paused_at: float | None = None
@@ -175,7 +174,7 @@ class ActorStream:
         self._refresh()
         chunks = self._chunks()
         self.epoch += 1
-        self.served, self.waited = [], 0.0
+        self.served = []
         if self._paused_at is not None:  # the window runs on across passes; the pause between them is
             self._win_start += time.perf_counter() - self._paused_at  # the consumer's, not the site's: left out
             self._paused_at = None
@@ -196,7 +195,6 @@ class ActorStream:
                 late = set(ray.wait(refs, num_returns=len(refs), timeout=0)[1]) if self.scalers else set()
                 got = ray.get(refs)
                 dt = time.perf_counter() - t0
-                self.waited += dt
                 if self.wait is not None:
                     self.wait.add(dt)
                 slow = {a for a, _, ref in parts if ref in late}  # the sites this batch waited for
