@@ -72,6 +72,8 @@ def main() -> None:
                     "the registered demo sites)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1 (got {args.rounds})")
     tmp = Path(tempfile.mkdtemp())
     common = ["method=mixed", f"baseline.epochs={args.epochs}", f"max_steps_per_epoch={args.steps}", "batch_size=16",
               "image_size=128", "threads=1", "probe_size=0", "val.enabled=false"]
