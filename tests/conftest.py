@@ -74,3 +74,15 @@ def untrained_unichest_state(site_overrides: list[str]):
 def _quiet_threads():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     yield
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real PACS (Orthanc, with its DICOMweb plugin when installed) on 127.0.0.1 for the whole session."""
+    from orthanc import orthanc_binary, start_orthanc
+
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc is not installed (Debian package 'orthanc'; .ci/run installs it)")
+    pacs = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield pacs
+    pacs.stop()

@@ -28,6 +28,7 @@ import yaml
 from conftest import untrained_unichest_state
 from PIL import Image
 from pydicom.data import get_testdata_file
+from runtime_helpers import tiny_classifier
 
 from raycxr.eval.predict import site_targets
 from raycxr.export import export_model
@@ -466,29 +467,6 @@ def test_flipped_bytes_and_edited_metadata_are_refused(exported, tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(exported[1])).metadata_props}
     write_metadata(tmp_path / "old.onnx", meta, "re-exported")  # the exporter's writer stores fresh digests
     assert Model(tmp_path / "old.onnx").verified
-
-
-def tiny_classifier(path, n_out, classes, expr="sigmoid"):
-    """A real ONNX classifier graph (onnx.helper) with raycxr metadata, whose output is chosen by the test."""
-    from onnx import TensorProto, helper
-
-    from raycxr.export import write_metadata
-
-    w = helper.make_tensor("w", TensorProto.FLOAT, [64 * 64, n_out], np.full(64 * 64 * n_out, 1e-3, np.float32))
-    nodes = [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logit"])]
-    if expr == "nan":  # 0 / 0
-        nodes += [helper.make_node("Sub", ["logit", "logit"], ["zero"]),
-                  helper.make_node("Div", ["zero", "zero"], ["probabilities"])]
-    else:
-        nodes += [helper.make_node("Sigmoid", ["logit"], ["probabilities"])]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
-                                                                            ["batch", 1, 64, 64])],
-                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", "c"])], [w])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    write_metadata(path, {"raycxr.kind": "classifier", "raycxr.class_names": json.dumps(classes),
-                          "raycxr.input_size": "64", "raycxr.model_version": "tiny-1",
-                          "raycxr.thresholds": json.dumps([0.5] * len(classes))}, "tiny")
-    return path
 
 
 def test_nan_outputs_give_error_status_and_valid_json(files, tmp_path):
