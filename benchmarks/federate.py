@@ -62,9 +62,9 @@ def score(run: Path, cfg, split: str) -> dict[str, float | None]:
     """Mean AUC of the run's classifier on each site's ``split`` (union classes the site annotates)."""
     import torch
 
+    from raycxr.engine.validation import validation_auc
     from raycxr.methods import load_pretrained
     from raycxr.train.local import EpochLoader, LocalData, select_sites
-    from raycxr.train.validation import validate
 
     pre = load_pretrained(run)
     out = {}
@@ -72,7 +72,7 @@ def score(run: Path, cfg, split: str) -> dict[str, float | None]:
         for name, site in select_sites(cfg).items():
             data = LocalData(cfg, {name: site})
             ds = data.datasets(split=split, train=False, union=True)[name]
-            r = validate(pre.classifier, pre.class_names, EpochLoader(ds, cfg, shuffle=False), data.union.names,
+            r = validation_auc(pre.classifier, pre.class_names, EpochLoader(ds, cfg, shuffle=False), data.union.names,
                          min_positives=MIN_POSITIVES)
             out[name] = r["val_auc"]
     return out

@@ -34,7 +34,7 @@ GRID = ("2:1e-3:1e-4:constant,2:1e-2:1e-4:constant,6:1e-2:1e-4:constant,6:1e-3:3
 
 
 def disease_auc(p) -> float:
-    from raycxr.eval.metrics import _rank_auc
+    from raycxr.engine.metrics import _rank_auc
 
     aucs = []
     for j, c in enumerate(p.class_names):

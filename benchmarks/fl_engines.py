@@ -77,16 +77,16 @@ def run_flower(work: Path, rounds: int) -> Path:
 def score(out: Path, work: Path) -> dict:
     """The global model's val mean AUC on each site (through ``load_pretrained``, as eval and export read it)."""
     from raycxr.config import compose
+    from raycxr.engine.validation import validation_auc
     from raycxr.methods import load_pretrained
     from raycxr.train.local import LocalData, select_sites
-    from raycxr.train.validation import validate
 
     pre = load_pretrained(out)
     cfg = compose("federate", [*SMALL, *demo_sites(work), "val.limit=null"])
     res = {}
     for name, site in select_sites(cfg).items():
         data = LocalData(cfg, {name: site})
-        r = validate(pre.classifier, pre.class_names, data.val_batches(), data.union.names)
+        r = validation_auc(pre.classifier, pre.class_names, data.val_batches(), data.union.names)
         res[name] = r["val_auc"]
     return res
 

@@ -82,13 +82,15 @@ class GpuSampler:
 
 
 class RepeatLoader:
-    """One real collated batch, on the device, ``steps`` times: the trainer's rate without the data plane's."""
+    """One real collated batch, on the device, ``steps`` times: the trainer's rate without the data plane's
+    (with ``transforms.augment=device`` the batch's augmentation on the device is the trainer's, and timed)."""
 
     def __init__(self, loader: Any, steps: int, device: torch.device) -> None:
-        from raycxr.methods.base import to_device
+        from raycxr.engine.device import to_device
 
         self.batch = to_device(next(b for b in loader if b is not None), device)
         self.steps = steps
+        self.augment = getattr(loader, "augment", None)
 
     def set_epoch(self, epoch: int) -> None:
         pass
@@ -182,8 +184,9 @@ def check_method(method: str, size: int, args: argparse.Namespace, site_override
 
 
 def data_plane_rate(size: int, args: argparse.Namespace, site_overrides: list[str], cache_dir: Path) -> dict:
-    """Images/s the site datasets deliver (decode + augment) with ``--data-workers`` processes, without
-    and with the decode cache (its second pass)."""
+    """Images/s the site datasets deliver with ``--data-workers`` processes, without and with the decode
+    cache (its second pass): decode (+ augment with ``transforms.augment=host``; with ``device``, the
+    default, the trainer augments)."""
     from torch.utils.data import ConcatDataset, DataLoader
 
     from raycxr.config import compose

@@ -49,8 +49,8 @@ def stop_run_actors(run_name: str, sites: list[str], replicas: dict) -> None:
     """Kill a finished run's site replicas and pools, so the next round starts on idle cores."""
     import ray
 
-    from raycxr.sites.actor import NAMESPACE
-    from raycxr.sites.autoscale import pool_name
+    from raycxr.ray.actor import NAMESPACE
+    from raycxr.ray.autoscale import pool_name
 
     for site in sites:
         try:
@@ -95,7 +95,7 @@ def main() -> None:
     import ray
     from tqdm import tqdm
 
-    from raycxr.train.ray_runner import ActorData, run_pretrain_ray
+    from raycxr.ray.runner import ActorData, run_pretrain_ray
 
     # one cluster for every round: the plain loop runs beside the same idle Ray processes as the Ray path
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

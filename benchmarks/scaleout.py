@@ -1,6 +1,6 @@
 """Scale-out figures on this machine (one run; ratios are what carry over to a cluster).
 
-1. **Replicas**: images/s one site serves through :class:`~raycxr.train.ray_runner.ActorStream` from 1
+1. **Replicas**: images/s one site serves through :class:`~raycxr.ray.runner.ActorStream` from 1
    and from 2 replicas (train transforms, no decode cache, ``PASSES`` passes timed), beside the images/s a
    trainer consumes (ResNet-18 + union head, one step = forward + backward + AdamW, same size and batch);
    and an autoscaled pool (``ray.site_replicas=auto`` from 1, default windows, timed once its steps have
@@ -16,11 +16,17 @@
 2. **Decode cache**: epoch times of one site's train split (``site_dataset`` in one process, train
    transforms) without and with the cache, epochs 1..3: the first fills the cache, later ones read it.
 3. **Gradient sync**: step time of ResNet-18 on 2 gloo processes (one thread each) with today's
-   per-tensor all-reduce after the backward pass, :class:`~raycxr.train.grad_sync.BucketedGradSync`
+   per-tensor all-reduce after the backward pass, :class:`~raycxr.ray.grad_sync.BucketedGradSync`
    and torch's ``DistributedDataParallel`` (reference).
 4. **Per-core decode rate** of full-size radiographs (2048 x 2500 12-bit DICOMs made from the synthetic
    corpus) through read + VOI + resize + augmentation at 224 and 512 px, and through the decode cache
    + augmentation: how many site replicas (one core each) one GPU needs.
+5. **Device data plane** (``transforms.augment``): host images/s per core through a site's training
+   dataset + collation at 224 px with the decode cache filled (uint16), today's path (``host``: per-sample
+   MONAI augmentation in the site's process) against the new one (``device``: read the stored pixels +
+   collate; the trainer augments the batch on its device), in ``ROUNDS`` alternating rounds (medians and
+   each round's ratio); the implied host cores per GPU; and the batched device augmentation's own cost
+   measured on this CPU (one thread, :class:`~raycxr.transforms.BatchAugment`, batch ``AUG_BATCH``).
 
     python benchmarks/scaleout.py [--out benchmarks/results]
 """
@@ -55,8 +61,9 @@ def corpus(tmp: Path, n: int) -> list[str]:
                preview=False)
     (tmp / "sites").mkdir(exist_ok=True)
     (tmp / "sites" / "nih.yaml").write_text(yaml.safe_dump({"name": "nih", "adapter": "manifest", "root": "nih"}))
+    # sections 1-4 measure the host augmentation path (the data planes' work as it was); 5 compares the two
     return [f"sites.sites_dir={tmp / 'sites'}", f"sites.data_root={tmp / 'corpus'}", f"image_size={SIZE}",
-            f"batch_size={BATCH}", "threads=1"]
+            f"batch_size={BATCH}", "threads=1", "transforms.augment=host"]
 
 
 def trainer_rate(steps: int = 6) -> float:
@@ -116,14 +123,14 @@ def ray_data_rates(overrides: list[str]) -> dict:
     cfg = compose("pretrain", overrides)
     site = select_sites(cfg)["nih"]
     transforms = OmegaConf.to_container(cfg.transforms, resolve=True)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
     ray.data.DataContext.get_current().enable_progress_bars = False
     out = {}
     try:
         # the manifest read once (on 2 CPUs a read task waiting beside two map actors would deadlock) and
         # cut into one block per batch, so that batches stream one at a time as they would to a trainer;
         # PASSES copies in one execution (the map actors start once, as for one long epoch)
-        rows = (ray.data.read_parquet(str(site.manifest_path), columns=["image_id", "split"])
+        rows = (ray.data.read_parquet(str(site.manifest_file), columns=["image_id", "split"])
                 .filter(lambda r: r["split"] == "train").materialize())
         rows = rows.repartition(-(-rows.count() // BATCH)).materialize()
         for c in (1, 2):
@@ -174,11 +181,11 @@ def replica_rates(overrides: list[str], counts: tuple = (1, 2, "auto"), every: i
     import ray
 
     from raycxr.config import compose
+    from raycxr.ray.launch import start_site_pools, start_site_replicas
+    from raycxr.ray.runner import ActorData
     from raycxr.train.local import select_sites
-    from raycxr.train.ray_launch import start_site_pools, start_site_replicas
-    from raycxr.train.ray_runner import ActorData
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
     out = {}
     try:
         for n in counts:
@@ -276,9 +283,12 @@ def cache_epochs(overrides: list[str], tmp: Path, epochs: int = 3) -> dict:
 
 
 def _sync_worker(rank: int, store: str, out: str, steps: int) -> None:
+    # torch._dynamo before the group: the first optimiser imports it, and imported once a group exists it keeps
+    # the group alive past destroy_process_group(), gloo's threads into interpreter shutdown (see test_grad_sync)
     import timm
+    import torch._dynamo  # noqa: F401
 
-    from raycxr.train.grad_sync import BucketedGradSync, GradAllReduce
+    from raycxr.ray.grad_sync import BucketedGradSync, GradAllReduce
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -380,6 +390,73 @@ def per_core_rates(tmp: Path) -> dict:
     return res
 
 
+AUG_BATCH = 64  # the device augmentation's batch in the CPU measurement
+
+
+def _dataset_rate(ds: object, seconds: float = 3.0, batch: int = 32) -> float:
+    """Host images/s (this process, one thread) of ``ds[i]`` for every index + collation in batches,
+    repeated passes for at least ``seconds``."""
+    from raycxr.dataset import collate_skip_none
+
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for k in range(0, len(ds), batch):
+            b = collate_skip_none([ds[i] for i in range(k, min(k + batch, len(ds)))])
+            n += len(b["image"])
+    return n / (time.perf_counter() - t0)
+
+
+def device_data_plane(overrides: list[str], tmp: Path, size: int = 224, rounds: int = ROUNDS) -> dict:
+    """Host images/s per core of a site's training data at ``size`` px with the decode cache (uint16),
+    ``transforms.augment`` host vs device in alternating rounds; BatchAugment's cost on this CPU."""
+    from omegaconf import OmegaConf
+
+    from raycxr import cache as cache_mod
+    from raycxr.config import compose
+    from raycxr.dataset import site_dataset
+    from raycxr.train.local import select_sites
+    from raycxr.transforms import augment_batch, batch_augment_from_config
+
+    torch.set_num_threads(1)
+    cache_mod._OPEN.clear()
+    sets, tf = {}, None
+    for place in ("host", "device"):
+        cfg = compose("pretrain", [*overrides, f"image_size={size}", "transforms.cache.enabled=true",
+                                   f"transforms.cache.dir={tmp / 'cache_plane'}", f"transforms.augment={place}"])
+        tf = OmegaConf.to_container(cfg.transforms, resolve=True)
+        sets[place] = site_dataset(select_sites(cfg)["nih"], tf, split="train", train=True)
+    _dataset_rate(sets["device"], seconds=0.0)  # one pass fills the cache (both read the same one)
+    runs = []
+    for _ in range(rounds):
+        runs.append({place: _dataset_rate(ds) for place, ds in sets.items()})
+    host = statistics.median(r["host"] for r in runs)
+    device = statistics.median(r["device"] for r in runs)
+    ratios = [r["device"] / r["host"] for r in runs]
+    # the trainer's side on this CPU: int16-packed uint16 -> float + augmentation, batched
+    from raycxr.dataset import collate_skip_none
+
+    ds = sets["device"]
+    batch = collate_skip_none([ds[i % len(ds)] for i in range(AUG_BATCH)])
+    augment = batch_augment_from_config(tf, seed=0)
+    augment_batch(batch, augment)  # warm-up
+    k, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 3.0:
+        augment_batch(batch, augment)
+        k += AUG_BATCH
+    aug_rate = k / (time.perf_counter() - t0)
+    demand = GPU_DEMAND[size]
+    return {"size": size, "images": len(ds), "cache_dtype": "uint16",
+            "host_augment_images_per_s_per_core": round(host, 1),
+            "device_plane_images_per_s_per_core": round(device, 1),
+            "device_vs_host": {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
+                               "max": round(max(ratios), 2)},
+            "gpu_demand_images_per_s": demand,
+            "host_cores_per_gpu_host_augment": int(np.ceil(demand / host)),
+            "host_cores_per_gpu_device_plane": int(np.ceil(demand / device)),
+            "batch_augment_cpu_images_per_s_1_thread": round(aug_rate, 1),
+            "rounds": [{k: round(v, 1) for k, v in r.items()} for r in runs]}
+
+
 def markdown(res: dict) -> str:
     r, c, g, p = res["data_planes"], res["decode_cache"], res["grad_sync"], res["per_core"]
     a = res["autoscaled"]
@@ -388,7 +465,8 @@ def markdown(res: dict) -> str:
         return f"{q['median']}x (rounds {q['min']}-{q['max']})"
 
     w, k = c["without_cache"]["epoch_seconds"], c["with_cache"]["epoch_seconds"]
-    lines = ["# Scale-out benchmark (`benchmarks/scaleout.py`)", "", res["note"], "",
+    notes = [res[k] for k in res if k.startswith("note_")]  # sections rerun alone (--only)
+    lines = ["# Scale-out benchmark (`benchmarks/scaleout.py`)", "", res["note"], "", *[f"{n}\n" for n in notes],
              "| measure | figure |", "|---|---|",
              f"| site serving, 1 replica | {r['replicas_1_images_per_s']} images/s |",
              f"| site serving, 2 replicas | {r['replicas_2_images_per_s']} images/s ({r['speed_up_2_vs_1']}x) |",
@@ -415,6 +493,17 @@ def markdown(res: dict) -> str:
                      f"{q['gpu_demand_images_per_s']:.0f} images/s | {q['decode_images_per_s_per_core']} / "
                      f"{q['cached_images_per_s_per_core']}; {q['replicas_per_gpu_decode']} / "
                      f"{q['replicas_per_gpu_cached']} |")
+    d = res.get("device_plane")
+    if d:
+        q = d["device_vs_host"]
+        lines += [f"| {d['size']} px site training data per host core, decode cache ({d['cache_dtype']}): "
+                  f"`transforms.augment=host` / `device` (images/s) | {d['host_augment_images_per_s_per_core']} / "
+                  f"{d['device_plane_images_per_s_per_core']}; {q['median']}x (rounds {q['min']}-{q['max']}) |",
+                  f"| host cores per GPU at {d['gpu_demand_images_per_s']:.0f} images/s ({d['size']} px): host / "
+                  f"device augmentation | {d['host_cores_per_gpu_host_augment']} / "
+                  f"{d['host_cores_per_gpu_device_plane']} |",
+                  f"| the device augmentation's own cost on this CPU (`BatchAugment`, batch {AUG_BATCH}, "
+                  f"{d['size']} px, 1 thread) | {d['batch_augment_cpu_images_per_s_1_thread']} images/s |"]
     return "\n".join(lines) + "\n"
 
 
@@ -422,6 +511,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=160)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", choices=["device_plane"], default=None,
+                    help="run one section and merge it into the existing results (the others keep their run)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -429,18 +520,29 @@ def main() -> None:
     try:
         overrides = corpus(tmp, args.images)
         load0 = os.getloadavg()[0]
+        out = Path(args.out)
+        if args.only:  # one section, merged into the last full run's results
+            res = json.loads((out / "scaleout.json").read_text())
+            res[args.only] = device_data_plane(overrides, tmp)
+            res["note_" + args.only] = (f"The `transforms.augment` rows were measured by a later run of that section "
+                                        f"alone (`--only {args.only}`, 1-minute load average {load0:.1f} at its "
+                                        "start); host and device paths alternate within it, so their ratio holds.")
+            (out / "scaleout.json").write_text(json.dumps(res, indent=2))
+            (out / "scaleout.md").write_text(markdown(res))
+            print(markdown(res))
+            return
         res = {"image_size": SIZE, "batch_size": BATCH}
         res["trainer_images_per_s"] = round(trainer_rate(), 1)
         res["decode_cache"] = cache_epochs(overrides, tmp)
         res["grad_sync"] = grad_sync_times(tmp)
         res["per_core"] = per_core_rates(tmp)
+        res["device_plane"] = device_data_plane(overrides, tmp)
         res["data_planes"] = data_planes(overrides)
         # the autoscaled pool beside 2 fixed replicas measured just before it
         res["autoscaled"] = replica_rates(overrides, counts=(2, "auto"), every=AUTOSCALE_EVERY)
         res["note"] = (f"One run on {os.cpu_count()} cores, 1-minute load average {load0:.1f} at the start and "
                        f"{os.getloadavg()[0]:.1f} at the end: absolute figures are noisy, the ratios within the run "
                        "are what carries over.")
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "scaleout.json").write_text(json.dumps(res, indent=2))
         (out / "scaleout.md").write_text(markdown(res))

@@ -28,9 +28,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from raycxr.config import REPO_ROOT, compose
+from raycxr.config import compose
 from raycxr.manifest import Manifest
 from raycxr.train.local import run_pretrain, select_sites
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ORDER = ["nih", "chexpert", "vindr", "openi", "siim"]
 
@@ -61,7 +63,7 @@ def measure(runner: str, names: list[str], n_images: int, tmp: Path, common: lis
     else:
         import ray
 
-        from raycxr.train.ray_runner import run_pretrain_ray
+        from raycxr.ray.runner import run_pretrain_ray
 
         res = run_pretrain_ray(compose("pretrain", [*over, "runner=ray", f"ray.storage_path={tmp / 'store'}",
                                                     f"ray.run_name=scaling-{tag}"]))

@@ -63,7 +63,7 @@ def metadata(meta: dict[str, Any], *, version: str, parity: float | None = None)
         "pred_classes": "per-class probabilities in raycxr.class_names order: " + ", ".join(classes),
         "eval_metrics": {"onnx_vs_pytorch_max_abs_diff": parity} if parity is not None else {},
         "intended_use": "Research and engineering evaluation only; not for diagnosis, triage or clinical decisions",
-        "references": ["raycxr README: Export and hospital deployment"],
+        "references": ["raycxr docs: Export and deployment (docs/deployment.md)"],
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "xray", "num_channels": 1,
                                  "spatial_shape": [size, size], "dtype": "float32", "value_range": [0, 1],
@@ -101,7 +101,8 @@ def verify_command(bundle: str | Path, schema: str | Path = SCHEMA_FILE) -> list
 
 
 def model_card(meta: dict[str, Any], runtime_readme: str | None = None) -> str:
-    """docs/README.md: the essentials from the metadata, then the runtime README's model card section."""
+    """docs/README.md: the essentials from the metadata, then the runtime's model card
+    (``raycxr_runtime/model_card.md``, from its ``## Model card`` heading on)."""
     classes = json.loads(meta["class_names"]) if isinstance(meta["class_names"], str) else meta["class_names"]
     thresholds = json.loads(meta.get("thresholds", "[]"))
     lines = [f"# raycxr chest X-ray classifier {meta['model_version']}", "",

@@ -43,7 +43,9 @@ import numpy as np
 
 from raycxr_runtime.contract import PREPROCESSING
 
-from .readers import read_image, resize
+from .quarantine import pixel_problem
+from .readers import ImageReadError, read_image, resize
+from .schema import default
 
 __all__ = ["CACHE_VERSION", "DTYPES", "DecodeCache", "cache_options", "open_cache"]
 
@@ -88,6 +90,9 @@ class DecodeCache:
         self.state = np.load(self.folder / "state.npy", mmap_mode="r+")
         self.digest = np.load(self.folder / "digest.npy", mmap_mode="r+")
         self.stat = np.load(self.folder / "stat.npy", mmap_mode="r+")
+        # plain ndarray views of the same maps for the per-image hit check (numpy's memmap indexing is slow)
+        self._pixels, self._state, self._stat = (np.asarray(a) for a in (self.pixels, self.state, self.stat))
+        self._root = str(self.root)
         if self.pixels.shape != (n, self.size, self.size):
             raise ValueError(f"decode cache {self.folder}: holds {self.pixels.shape}, expected "
                              f"{(n, self.size, self.size)} (delete the folder)")
@@ -128,26 +133,42 @@ class DecodeCache:
         """The preprocessed ``(size, size)`` float32 image of ``path`` (a manifest path): from the cache
         when the file is unchanged, else read, stored and returned. Unreadable files raise
         :class:`~raycxr.readers.ImageReadError` and are not stored."""
+        return self._decode(self._entry(path))
+
+    def stored(self, path: str) -> np.ndarray:
+        """As :meth:`image`, but the stored pixels as they are (uint8 / uint16 / float32, a copy): what a
+        site ships when the trainer's device does the augmentation (``transforms.augment=device``)."""
+        return self._pixels[self._entry(path)].copy()
+
+    def _entry(self, path: str) -> int:
+        """The row of ``path``, valid (read and stored first if it is missing or stale)."""
         j = self.row[str(path)]
-        full = self.root / path
-        st = os.stat(full) if full.exists() else None
+        try:
+            st = os.stat(os.path.join(self._root, path))
+        except FileNotFoundError:
+            st = None
         stamp = (st.st_size, st.st_mtime_ns) if st is not None else (-1, -1)
-        if self.state[j] == 1 and tuple(self.stat[j]) == stamp:
+        if self._state[j] == 1 and self._stat[j, 0] == stamp[0] and self._stat[j, 1] == stamp[1]:
             self.stats["hits"] += 1
-            return self._decode(j)
+            return j
+        full = self.root / path
         digest = file_digest(full) if st is not None else None
         if self.state[j] == 1 and digest is not None and np.array_equal(self.digest[j], digest):
             self.stat[j] = stamp  # same bytes, new mtime (a copy, a touch): still valid
             self.stats["hits"] += 1
-            return self._decode(j)
+            return j
         stale = self.state[j] == 1
-        image = resize(read_image(full), self.size)  # ImageReadError: the caller quarantines it
+        image = read_image(full)  # ImageReadError: the caller quarantines it
+        problem = pixel_problem(image, constant=False)
+        if problem is not None:  # NaN would be stored as arbitrary integers in a uint8/uint16 cache
+            raise ImageReadError(full, problem)
+        image = resize(image, self.size)
         self.pixels[j] = self._encode(image)
         self.digest[j] = digest
         self.stat[j] = stamp
         self.state[j] = 1  # last: another process reads the entry only once it is whole
         self.stats["rebuilt" if stale else "misses"] += 1
-        return self._decode(j)
+        return j
 
     def filled(self) -> int:
         """How many images are stored."""
@@ -164,11 +185,11 @@ def cache_options(transforms: Mapping[str, Any]) -> dict[str, Any] | None:
     if not c:
         return None
     if isinstance(c, bool):
-        return {"dir": None, "dtype": "uint16"}
-    c = dict(c)
-    if not c.get("enabled", True):
+        c = {"enabled": True}
+    c = {**default("transforms.cache"), **dict(c)}  # a partial node takes the other settings' defaults
+    if not c["enabled"]:
         return None
-    return {"dir": c.get("dir"), "dtype": str(c.get("dtype") or "uint16")}
+    return {"dir": c["dir"], "dtype": str(c["dtype"])}
 
 
 def cache_key(paths: Sequence[str], size: int, dtype: str) -> str:

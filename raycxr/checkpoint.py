@@ -12,6 +12,9 @@ A :class:`Checkpoint` holds only what cannot be rebuilt from the config:
 - ``position`` (schedule units done), ``history`` (one record per unit), ``val_auc`` and ``config``
   (the resolved pretraining config: encoder name, image size, every knob).
 
+A run folder holds ``checkpoint.pt`` (the latest unit: what a resume reads) and ``best.pt`` (the unit
+with the best val AUC, without optimiser state: what evaluation and export read, ``load(best=True)``).
+
 Save is atomic (a temporary file renamed over the old one), and load gives one clear error naming
 the file for a missing, truncated or foreign file. Checkpoints written before this format (a plain
 dict with ``method`` and ``config``) are read too.
@@ -29,6 +32,7 @@ import torch
 
 FORMAT_VERSION = 2
 FILENAME = "checkpoint.pt"
+BEST_FILENAME = "best.pt"  # the unit with the best val AUC over the whole schedule: what eval and export use
 ENCODER_PREFIX = "encoder."
 
 
@@ -100,11 +104,12 @@ class Checkpoint:
         return path
 
     @staticmethod
-    def find(run: str | Path) -> Path:
-        """``run/checkpoint.pt`` for a run folder, the path itself for a file; a clear error otherwise."""
+    def find(run: str | Path, *, best: bool = False) -> Path:
+        """``run/checkpoint.pt`` for a run folder (``best``: ``run/best.pt`` where the run has one), the
+        path itself for a file; a clear error otherwise."""
         path = Path(run)
         if path.is_dir():
-            path = path / FILENAME
+            path = path / (BEST_FILENAME if best and (path / BEST_FILENAME).is_file() else FILENAME)
         if not path.is_file():
             partial = path.with_suffix(path.suffix + ".tmp")
             note = (f"; {partial.name} there is a save that was interrupted, not a checkpoint"
@@ -114,9 +119,10 @@ class Checkpoint:
         return path
 
     @classmethod
-    def load(cls, run: str | Path) -> Checkpoint:
-        """Read a run folder's ``checkpoint.pt`` (or a checkpoint file)."""
-        path = cls.find(run)
+    def load(cls, run: str | Path, *, best: bool = False) -> Checkpoint:
+        """Read a run folder's ``checkpoint.pt`` (``best``: its ``best.pt`` where it has one; resuming
+        reads the latest) or a checkpoint file."""
+        path = cls.find(run, best=best)
         if path.stat().st_size == 0:
             raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the run was killed while writing it; "
                                   "resume from an earlier copy or start again")

@@ -9,11 +9,15 @@
     raycxr export run=RUN [int8=true]             ONNX classifier + encoder with metadata and parity check
     raycxr tune [overrides]                       Ray Tune sweep over UniChest's lambda, K and lr (ASHA)
     raycxr study [overrides]                      every pretraining strategy, transferred to a target site, with CIs
-    raycxr sites list | adapters
+    raycxr sites list | adapters [NAME]           registered sites | each adapter's options, defaults, meaning
     raycxr sites show NAME
     raycxr sites validate [NAME ...] [check_images=true]
     raycxr sites build NAME                       run the site's adapter, write its manifest
     raycxr sites add PATH.yaml                    register a site (copy its YAML into sites_dir)
+    raycxr sites update PATH.yaml                 replace a registered site's YAML (then `sites build` it)
+    raycxr sites remove NAME                      unregister a site (its data and manifest stay)
+    raycxr cluster check [overrides]              nodes, labels, site placement, shared out/storage_path
+                                                  (the pretrain config: ray.address, sites, out, ...)
 """
 
 from __future__ import annotations
@@ -71,22 +75,34 @@ def cmd_sites(args: Sequence[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .sites.adapters import ADAPTERS
+    from .sites.adapters import ADAPTERS, list_adapters
     from .stats import print_corpus_table
 
     names, overrides = _split(args)
     if not names:
-        raise SystemExit("usage: raycxr sites list|show|validate|build|add|adapters ...")
+        raise SystemExit("usage: raycxr sites list|show|validate|build|add|update|remove|adapters ...")
     action, names = names[0], names[1:]
     cfg = compose("sites", overrides)
     console = Console()
-    if action == "adapters":
-        table = Table(title="site adapters")
-        table.add_column("adapter")
-        table.add_column("reads")
-        for name, cls in sorted(ADAPTERS.items()):
-            table.add_row(name, getattr(cls, "description", ""))
-        console.print(table)
+    if action == "adapters":  # every adapter (or the named ones) with its options, defaults and meaning
+        import yaml
+
+        from .sites.adapters import describe_options
+
+        templates = {}
+        for t in sorted((Path(__file__).resolve().parents[1] / "sites" / "templates").glob("*.yaml")):
+            templates.setdefault((yaml.safe_load(t.read_text()) or {}).get("adapter"), []).append(t.name)
+        for name, cls in ((n, ADAPTERS[n]) for n in list_adapters()):
+            if names and name not in names:
+                continue
+            table = Table(title=f"{name}: {cls.description}", title_justify="left")
+            for col in ("option", "default", "meaning"):
+                table.add_column(col, overflow="fold")
+            for opt, default, meaning in describe_options(name):
+                table.add_row(opt, json.dumps(default, default=str), meaning)
+            console.print(table)
+            for t in templates.get(name, []):
+                console.print(f"  template: sites/templates/{t}")
         return 0
     if action == "add":
         from .sites.config import SiteConfig
@@ -104,7 +120,32 @@ def cmd_sites(args: Sequence[str]) -> int:
         if not site.has_manifest():
             console.print(f"  no manifest yet: run `raycxr sites build {site.name}`")
         return 0
+    if action == "update":  # replace a registered site's YAML (validated first); its manifest needs a rebuild
+        from .sites.config import SiteConfig
+
+        if len(names) != 1:
+            raise SystemExit("usage: raycxr sites update PATH.yaml")
+        site = SiteConfig.load(names[0], data_root=cfg.data_root)
+        existing = _sites(cfg)
+        if site.name not in existing:
+            raise SystemExit(f"no site named '{site.name}' is registered (registered: {sorted(existing)}); "
+                             "use `raycxr sites add`")
+        dest = existing[site.name].yaml_path
+        if Path(names[0]).resolve() != dest.resolve():
+            shutil.copyfile(names[0], dest)
+        console.print(f"updated site '{site.name}' ({dest}); run `raycxr sites build {site.name}` to rebuild "
+                      "its manifest")
+        return 0
     sites = _sites(cfg)
+    if action == "remove":  # unregister: the YAML goes; data, manifest and quarantine stay where they are
+        if len(names) != 1 or names[0] not in sites:
+            raise SystemExit(f"usage: raycxr sites remove NAME (registered: {sorted(sites)})")
+        s = sites[names[0]]
+        s.yaml_path.unlink()
+        kept = [str(p) for p in (s.manifest_file, s.dropped_path) if p.is_file()]
+        console.print(f"removed site '{s.name}' ({s.yaml_path})"
+                      + (f"; left in place: {', '.join(kept)}" if kept else ""))
+        return 0
     unknown = [n for n in names if n not in sites]
     if unknown:
         raise SystemExit(f"unknown site(s) {unknown}; registered: {sorted(sites)}")
@@ -125,6 +166,14 @@ def cmd_sites(args: Sequence[str]) -> int:
         if s.has_manifest():
             m = s.load_manifest()
             console.print(f"labels ({len(m.label_names)}): {', '.join(m.label_names)}")
+            counts = m.to_pandas()["split"].value_counts()
+            how = (m.site_meta.get("split") or {}).get("source") or \
+                f"hashed (salt {m.site_meta.get('split_salt', '?')!r})"
+            if m.site_meta.get("ambiguous_file_names"):
+                console.print(f"[yellow]{m.site_meta['ambiguous_file_names']} files share a name with an image the "
+                              f"manifest uses and were not used[/yellow]; listed in {s.dropped_path}")
+            console.print(f"splits: {how}: "
+                          + ", ".join(f"{k} {int(counts.get(k, 0))}" for k in ("train", "val", "test")))
             from .dataset import site_pair_types
 
             how = "declared in the site file" if s.pair_types is not None else "from the manifest"
@@ -141,6 +190,18 @@ def cmd_sites(args: Sequence[str]) -> int:
             status = "[green]ok[/green]" if report["ok"] else "[red]FAILED[/red]"
             console.print(f"{name}: {status} {report['message']}")
             failed += not report["ok"]
+        if len(names or sites) > 1:
+            from .validate import shared_patients
+
+            for pair in shared_patients({n: sites[n] for n in (names or list(sites))}):
+                a, b = pair["sites"]
+                if pair["different_split"]:
+                    failed += 1
+                    console.print(f"[red]{a} and {b} share {pair['shared']} patients, {pair['different_split']} "
+                                  "of them in different splits[/red] (a test patient trained on at the other site); "
+                                  "give both sites the same split_salt, or remove one copy")
+                else:
+                    console.print(f"{a} and {b} share {pair['shared']} patients (in the same splits)")
         return 1 if failed else 0
     if action == "build":
         if len(names) != 1:
@@ -148,10 +209,11 @@ def cmd_sites(args: Sequence[str]) -> int:
         s = sites[names[0]]
         m, dropped = s.build_manifest()
         console.print(f"site '{s.name}': wrote {len(m)} rows to {s.manifest_path}"
-                      + (f"; {len(dropped)} rows dropped, listed in {s.manifest_path.with_name('dropped.csv')}"
+                      + (f"; {len(dropped)} rows dropped, listed in {s.dropped_path}"
                          if dropped else ""))
         return 0
-    raise SystemExit(f"unknown action '{action}'; expected list, show, validate, build, add or adapters")
+    raise SystemExit(f"unknown action '{action}'; expected list, show, validate, build, add, update, remove "
+                     "or adapters")
 
 
 def cmd_demo(args: Sequence[str]) -> int:
@@ -172,7 +234,7 @@ def cmd_pretrain(args: Sequence[str]) -> int:
     if cfg.runner == "local":
         from .train.local import run_pretrain
     elif cfg.runner == "ray":
-        from .train.ray_runner import run_pretrain_ray as run_pretrain
+        from .ray.runner import run_pretrain_ray as run_pretrain
     else:
         raise ValueError(f"unknown runner '{cfg.runner}'; expected local or ray")
     result = run_pretrain(cfg)
@@ -213,7 +275,7 @@ def cmd_export(args: Sequence[str]) -> int:
 def cmd_study(args: Sequence[str]) -> int:
     from .study import run_study
 
-    run_study(compose("study", _overrides_only("study", args)))
+    run_study(compose_preset("study", _overrides_only("study", args)))
     return 0
 
 
@@ -234,9 +296,20 @@ def cmd_tune(args: Sequence[str]) -> int:
     return 0
 
 
+def cmd_cluster(args: Sequence[str]) -> int:
+    names, overrides = _split(args)
+    if names != ["check"]:
+        raise SystemExit("usage: raycxr cluster check [ray.address=HOST:PORT] [pretrain overrides]")
+    from .cluster import check_cluster, print_report
+
+    report = check_cluster(compose("pretrain", overrides))
+    print_report(report)
+    return 0 if report["ok"] else 1
+
+
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "sites": cmd_sites, "pretrain": cmd_pretrain, "eval": cmd_eval,
             "segment": cmd_segment, "export": cmd_export, "tune": cmd_tune, "study": cmd_study,
-            "federate": cmd_federate}
+            "federate": cmd_federate, "cluster": cmd_cluster}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,10 +21,16 @@ from torch.utils.data import Dataset, default_collate
 from .cache import DecodeCache, cache_options, open_cache
 from .labels import UnionLabelSpace, apply_uncertain_policy, canonical_name
 from .manifest import Manifest
-from .quarantine import Quarantine
+from .quarantine import Quarantine, pixel_problem
 from .readers import ImageReadError, read_image, resize
 from .sites.config import PAIR_TYPES, SiteConfigError
-from .transforms import eval_transforms, segmentation_train_transforms, transforms_from_config
+from .transforms import (
+    augment_place,
+    eval_transforms,
+    pack_pixels,
+    segmentation_train_transforms,
+    transforms_from_config,
+)
 
 if TYPE_CHECKING:
     from .sites.config import SiteConfig
@@ -46,6 +52,12 @@ class SiteDataset(Dataset):
 
     With a ``cache`` (:class:`raycxr.cache.DecodeCache`) the image is read from it, already at the
     training resolution; the transforms (augmentation) run on the cached array.
+
+    With ``raw_size`` (``transforms.augment=device``) nothing is augmented here: ``image`` is the site's
+    pixels at that size as stored (the cache's uint8 / uint16, packed by :func:`~raycxr.transforms.pack_pixels`;
+    float32 without a cache) with an ``augment`` flag, and a second view is the same pixels with
+    ``augment2`` (``second_view_augmented``); the trainer augments the batch on its device
+    (:func:`~raycxr.transforms.augment_batch`).
     """
 
     def __init__(self, manifest: Manifest, root: str | Path, *, transform: Callable | None = None,
@@ -53,8 +65,10 @@ class SiteDataset(Dataset):
                  uncertain_policy: str = "ignore", site_index: int = 0, quarantine: Quarantine | None = None,
                  seed: int = 0, second_view: Callable | None = None, use_labels: bool = True,
                  cache: DecodeCache | None = None, annotation_size: int | None = None,
-                 pair_types: Sequence[str] | None = None) -> None:
+                 pair_types: Sequence[str] | None = None, raw_size: int | None = None,
+                 second_view_augmented: bool | None = None) -> None:
         self.cache = cache
+        self.raw_size, self.second_view_augmented = raw_size, second_view_augmented
         # with annotation_size (UmiF): which supervision a sample may offer as a pair (None: all it has)
         offered = set(pair_types) if pair_types is not None else set(PAIR_TYPES)
         self.pair_offer = torch.tensor([t in offered for t in PAIR_TYPES[:3]])
@@ -71,6 +85,11 @@ class SiteDataset(Dataset):
         skip = self.quarantine.image_ids()
         keep = ~df["image_id"].isin(skip).to_numpy()
         self.df = df[keep].reset_index(drop=True)
+        # the columns an item reads, as plain lists: a pandas row per item (df.iloc) cost a third of the
+        # device data plane's host time (benchmarks/scaleout.py)
+        self.columns = {c: self.df[c].tolist() for c in ("path", "image_id", "report", "mask_path", "boxes")
+                        if c in self.df.columns}
+        self.site_tensor, self.true, self.false = torch.tensor(site_index), torch.tensor(True), torch.tensor(False)
         raw = self.manifest.label_matrix()[keep]
         if not use_labels:  # a site trained by a self-supervised or report objective: its labels are not used
             raw = np.full_like(raw, np.nan)
@@ -86,25 +105,39 @@ class SiteDataset(Dataset):
         return len(self.df)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
-        row = self.df.iloc[i]
-        path = self.root / row["path"]
+        row = {c: v[i] for c, v in self.columns.items()}
+        raw = self.raw_size is not None
         try:
-            image = self.cache.image(row["path"]) if self.cache is not None else read_image(path)
+            if self.cache is not None:
+                image = self.cache.stored(row["path"]) if raw else self.cache.image(row["path"])
+            else:
+                image = read_image(self.root / row["path"])
             item = {"image": image[None]}
         except ImageReadError as e:
             self.quarantine.record(row["image_id"], row["path"], e.reason)
             return None
-        view2 = self.second_view(dict(item)) if self.second_view is not None else None
-        if self.transform is not None:
-            item = self.transform(item)
-        out = {
-            "image": torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32),
-            "site_index": torch.tensor(self.site_index),
-            "image_id": row["image_id"],
-            "report": row["report"] if isinstance(row["report"], str) else "",
-        }
-        if view2 is not None:
-            out["image2"] = torch.as_tensor(np.asarray(view2["image"]), dtype=torch.float32)
+        if image.dtype.kind == "f":  # a NaN image would make the loss NaN, naming no file (a cache checked it)
+            problem = pixel_problem(image, constant=False)
+            if problem is not None:
+                self.quarantine.record(row["image_id"], row["path"], problem)
+                return None
+        out: dict[str, Any] = {"site_index": self.site_tensor, "image_id": row["image_id"],
+                               "report": row["report"] if isinstance(row["report"], str) else ""}
+        if raw:  # augmented on the trainer's device
+            if image.shape != (self.raw_size, self.raw_size):
+                image = resize(image, self.raw_size)
+            out["image"] = pack_pixels(image)
+            out["augment"] = self.true
+            if self.second_view_augmented is not None:
+                out["image2"] = out["image"]
+                out["augment2"] = self.true if self.second_view_augmented else self.false
+        else:
+            view2 = self.second_view(dict(item)) if self.second_view is not None else None
+            if self.transform is not None:
+                item = self.transform(item)
+            out["image"] = torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)
+            if view2 is not None:
+                out["image2"] = torch.as_tensor(np.asarray(view2["image"]), dtype=torch.float32)
         if self.annotation_size:
             mask = self.root / row["mask_path"] if isinstance(row.get("mask_path"), str) else None
             positives = [n for n, v in zip(self.manifest.label_names, self.labels[i]) if v > 0.5]
@@ -153,33 +186,40 @@ def site_dataset(site: SiteConfig, transforms: Mapping[str, Any], *, split: str 
             objective (its labels are then not training targets; evaluation always keeps them).
 
     ``transforms.cache`` (``true`` or ``{enabled, dir, dtype}``) reads the images through the site's
-    decode cache (:mod:`raycxr.cache`) at ``transforms.size``.
+    decode cache (:mod:`raycxr.cache`) at ``transforms.size``. ``transforms.augment=device``: a training
+    dataset serves its pixels un-augmented (``raw_size``); the trainer augments them on its device.
     """
-    tf = transforms_from_config(transforms, train=train)
+    size = int(transforms["size"])
+    on_device = train and augment_place(transforms) == "device"
+    tf = None if on_device else transforms_from_config(transforms, train=train)
     manifest = manifest if manifest is not None else site.load_manifest()
     opts = cache_options(transforms)
     cache = None
     if opts is not None:
         cache = open_cache(site.name, site.root, site.manifest_path, manifest.to_pandas()["path"].tolist(),
-                           int(transforms.get("size", 224)), dir=opts["dir"], dtype=opts["dtype"])
-    tf.set_random_state(seed=int(seed) * 1009 + int(site_index))  # seeded augmentation: a run repeats exactly
+                           size, dir=opts["dir"], dtype=opts["dtype"])
+    if tf is not None:
+        tf.set_random_state(seed=int(seed) * 1009 + int(site_index))  # seeded augmentation: a run repeats exactly
     view2 = None
     pair_types = None
     if second_view == "annotation" and site.pair_types is not None:  # UmiF: a declared subset, checked here
         pair_types = site_pair_types(manifest, site.pair_types, source=str(site.yaml_path or site.name))
+    view2_augmented = None
     if second_view and second_view != "annotation":
         clean = second_view != "augmented" and site.objective == "supervised"
-        view2 = eval_transforms(int(transforms.get("size", 224))) if clean else tf
+        view2 = eval_transforms(size) if clean else tf
+        view2_augmented = not clean
     return SiteDataset(manifest, site.root, transform=tf,
                        split=split, label_space=label_space,
                        uncertain_policy=uncertain_policy or site.uncertain_policy, site_index=site_index,
                        quarantine=quarantine if quarantine is not None else Quarantine(site.quarantine_path,
                                                                                       site=site.name),
-                       seed=seed, second_view=view2,
+                       seed=seed, second_view=None if on_device else view2,
                        use_labels=use_labels if use_labels is not None else site.objective == "supervised" or not train,
                        cache=cache,
-                       annotation_size=int(transforms.get("size", 224)) if second_view == "annotation" else None,
-                       pair_types=pair_types)
+                       annotation_size=size if second_view == "annotation" else None,
+                       pair_types=pair_types, raw_size=size if on_device else None,
+                       second_view_augmented=view2_augmented if on_device else None)
 
 
 # -- UmiF's supervision from a site's own annotations ---------------------------------------------------

@@ -91,8 +91,10 @@ def print_demo_summary(cfg: DictConfig, out: dict[str, Any]) -> None:
 
     secs = out["seconds"]
     table = Table(title="raycxr demo")
-    for col in ("step", "result", "seconds", "where"):
-        table.add_column(col)
+    table.add_column("step", no_wrap=True)  # the long paths in "where" fold, the step names stay whole
+    table.add_column("result")
+    table.add_column("seconds", justify="right")
+    table.add_column("where", overflow="fold")
     n = sum(s["images"] for s in out["stats"].values())
     table.add_row("corpus", f"{len(out['stats'])} sites, {n} images", f"{secs['corpus']:.0f}", str(cfg.out))
     if "pretrain" in out:
@@ -101,6 +103,12 @@ def print_demo_summary(cfg: DictConfig, out: dict[str, Any]) -> None:
         val = f", val AUC {last['val_auc']:.3f}" if last.get("val_auc") is not None else ""
         table.add_row(f"pretrain ({cfg.method})", f"{len(h)} epochs, loss {last.get('loss', float('nan')):.3f}{val}",
                       f"{secs['pretrain']:.0f}", str(cfg.run))
+        best = out["pretrain"].get("best")
+        if best is not None:  # what eval and export below used
+            from .train.driver import best_place
+
+            table.add_row("best epoch (eval, export)", f"val AUC {best['val_auc']:.3f} at {best_place(best)}", "",
+                          str(best["checkpoint"]))
     if "eval" in out:
         for site, r in out["eval"]["sites"].items():
             auc = r.get("metrics", {}).get("mean", {}).get("auc")

@@ -30,8 +30,9 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,8 @@ from raycxr_runtime.contract import (
 from . import __version__
 from .checkpoint import Checkpoint
 from .methods import Pretrained, load_pretrained
+from .registry import Registry
 from .sites.config import SiteConfig, discover_sites
-
-EXPORTERS = ("legacy", "dynamo")
 
 
 class ParityError(ValueError):
@@ -78,34 +78,59 @@ class ClassifierOutputs(nn.Module):
 # ----------------------------------------------------------------------------------- ONNX writing
 
 
-def _torch_export(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str], *, opset: int,
-                  exporter: str) -> None:
-    """Export with a dynamic batch axis (height and width stay fixed: the encoder's geometry needs them).
+EXPORTER_REGISTRY: Registry[Callable[..., str]] = Registry("exporter")
 
-    Default ``legacy``: the TorchScript tracer (``dynamo=False``). It exports UniChest's
-    nn.MultiheadAttention (checked: parity ~1e-7 at batch 1, 7 and 8) and the timm CNNs used here.
-    On the demo UniChest (ResNet-18, 4 query networks, 2 cores) it took ~9 s where the dynamo
-    exporter took ~61 s, logged hundreds of constant-folding warnings and raised the opset to 18,
-    for the same parity. ``exporter=dynamo`` (torch.export + onnxscript) stays available. Either
-    way, the parity check decides: a file that fails it is deleted.
+
+def register_exporter(name: str) -> Callable[[Callable[..., str]], Callable[..., str]]:
+    """Decorator: make an export target available as ``raycxr export exporter=<name>``.
+
+    The function is called as ``fn(module, example, path, output_names, *, opset)``: it writes ``module``
+    (images ``[batch, 1, S, S]`` → ``output_names``) as an ONNX graph at ``path`` with input
+    :data:`~raycxr_runtime.contract.INPUT` and a dynamic batch axis (``example`` is a batch of 2), and
+    returns one line saying how (recorded as ``exporter`` in ``export.json``). The metadata, the parity
+    check against PyTorch and the INT8 step are the same for every target; a graph that fails parity
+    is deleted."""
+    return EXPORTER_REGISTRY.decorator(name)
+
+
+def list_exporters() -> list[str]:
+    """Registered export targets, built-in first (``legacy``, ``dynamo``)."""
+    return EXPORTER_REGISTRY.names()
+
+
+@register_exporter("legacy")
+def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str], *,
+                       opset: int) -> str:
+    """The default: the TorchScript tracer (``dynamo=False``), height and width fixed (the encoder's geometry
+    needs them), the batch axis dynamic.
+
+    It exports UniChest's nn.MultiheadAttention (checked: parity ~1e-7 at batch 1, 7 and 8) and the timm
+    CNNs used here. On the demo UniChest (ResNet-18, 4 query networks, 2 cores) it took ~9 s where the
+    dynamo exporter took ~61 s, logged hundreds of constant-folding warnings and raised the opset to 18,
+    for the same parity. ``exporter=dynamo`` (torch.export + onnxscript) stays available. Either way,
+    the parity check decides: a file that fails it is deleted.
     """
-    module.eval()
-    if exporter == "legacy":
-        axes = {n: {0: "batch"} for n in [INPUT, *output_names]}
-        with warnings.catch_warnings():
-            # TracerWarnings flag shape-dependent Python branches; batch 1 and 7 parity proves the batch axis.
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=int(opset),
-                              input_names=[INPUT], output_names=output_names, dynamic_axes=axes,
-                              do_constant_folding=True)
-    elif exporter == "dynamo":
-        # its implementations start at opset 18; asking for less triggers a down-conversion that fails here
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=max(int(opset), 18),
-                          input_names=[INPUT], output_names=output_names, dynamic_shapes=({0: batch},), verbose=False)
-    else:
-        raise ValueError(f"unknown exporter '{exporter}'; expected one of {EXPORTERS}")
+    axes = {n: {0: "batch"} for n in [INPUT, *output_names]}
+    with warnings.catch_warnings():
+        # TracerWarnings flag shape-dependent Python branches; batch 1 and 7 parity proves the batch axis.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=int(opset),
+                          input_names=[INPUT], output_names=output_names, dynamic_axes=axes,
+                          do_constant_folding=True)
+    return f"torch.onnx.export(dynamo=False) TorchScript tracer, opset {opset}, torch {torch.__version__}"
+
+
+@register_exporter("dynamo")
+def export_dynamo(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str], *,
+                  opset: int) -> str:
+    """torch.export + onnxscript (``dynamo=True``), the batch axis dynamic."""
+    # its implementations start at opset 18; asking for less triggers a down-conversion that fails here
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=max(int(opset), 18),
+                      input_names=[INPUT], output_names=output_names, dynamic_shapes=({0: batch},), verbose=False)
+    return (f"torch.onnx.export(dynamo=True) torch.export + onnxscript, opset {max(int(opset), 18)}, "
+            f"torch {torch.__version__}")
 
 
 def write_metadata(path: str | Path, metadata: dict[str, str], doc_string: str) -> None:
@@ -302,13 +327,15 @@ def export_model(pretrained: Pretrained, out_dir: str | Path, *, thresholds: Seq
         dim = int(encoder(example).shape[1])
     paths = {"classifier": out / "classifier.onnx", "encoder": out / "encoder.onnx"}
     inputs = parity_inputs(s, parity_images)
-    result: dict[str, Any] = {"exporter": _exporter_note(exporter, opset), "files": {}, "metadata": {}, "parity": {}}
+    write_graph = EXPORTER_REGISTRY.get(exporter)
+    result: dict[str, Any] = {"exporter": "", "files": {}, "metadata": {}, "parity": {}}
     steps = tqdm(total=4, desc="export", unit="step", disable=not progress, leave=False)
     for kind, module, outputs in (("classifier", classifier, classifier_output_names(names)),
                                   ("encoder", encoder, [EMBEDDING])):
         steps.set_description(f"exporting {kind}")
         path = paths[kind]
-        _torch_export(module, example, path, outputs, opset=opset, exporter=exporter)
+        module.eval()
+        result["exporter"] = write_graph(module, example, path, outputs, opset=opset)
         meta = build_metadata(pretrained, kind=kind, model_version=version,
                               thresholds=thresholds if kind == "classifier" else None,
                               thresholds_note=thresholds_note, frontal_only=frontal_only,
@@ -329,13 +356,6 @@ def export_model(pretrained: Pretrained, out_dir: str | Path, *, thresholds: Seq
     result["thresholds_note"] = thresholds_note
     result["model_version"] = version
     return result
-
-
-def _exporter_note(exporter: str, opset: int) -> str:
-    if exporter == "legacy":
-        return f"torch.onnx.export(dynamo=False) TorchScript tracer, opset {opset}, torch {torch.__version__}"
-    return (f"torch.onnx.export(dynamo=True) torch.export + onnxscript, opset {max(int(opset), 18)}, "
-            f"torch {torch.__version__}")
 
 
 def _file_info(path: Path) -> dict[str, Any]:
@@ -363,7 +383,7 @@ def validation_thresholds(classifier: nn.Module | Any, sites: dict[str, SiteConf
     """Per-class max-F1 thresholds on ``split`` of ``sites`` pooled; 0.5 where a class has no positive there.
 
     Returns ``(thresholds (C,), note, summary)``; the note lists the classes left at 0.5."""
-    from .eval.metrics import max_f1_thresholds
+    from .engine.metrics import max_f1_thresholds
     from .eval.predict import predict_site
 
     c = len(class_names)
@@ -461,7 +481,7 @@ def compare_auc(models: dict[str, Any], sites: dict[str, SiteConfig], class_name
                 split: str = "test", batch_size: int = 32, limit: int | None = None,
                 progress: bool = True) -> dict[str, Any]:
     """Mean AUC of each named model on ``split`` of every site (``classification_metrics(...)["mean"]["auc"]``)."""
-    from .eval.metrics import classification_metrics
+    from .engine.metrics import classification_metrics
     from .eval.predict import predict_site
 
     out: dict[str, Any] = {}
@@ -495,9 +515,11 @@ def export_onnx(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    if cfg.exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter '{cfg.exporter}'; expected one of {EXPORTERS}")
-    ckpt = Checkpoint.find(cfg.run)
+    if cfg.exporter not in EXPORTER_REGISTRY:  # checked here, not by the schema: plug-ins register export targets
+        raise ValueError(f"configuration 'export': exporter: must be one of {list_exporters()}, got {cfg.exporter!r}")
+    # read before minutes of export: a missing file or a key that is not Ed25519 fails now
+    sign_key = _signing_key(cfg.get("sign_key"))
+    ckpt = Checkpoint.find(cfg.run, best=True)
     digest = sha256_file(ckpt)
     pretrained = load_pretrained(ckpt)
     if pretrained.classifier is None:
@@ -512,7 +534,7 @@ def export_onnx(cfg: DictConfig) -> dict[str, Any]:
         thr, note, thr_summary = validation_thresholds(
             pretrained.classifier, sites, names, split=cfg.thresholds.split, image_size=size, batch_size=batch,
             limit=cfg.thresholds.get("limit"), progress=True)
-        real = real_batch(sites, names, size, int(cfg.parity.batch), split=cfg.parity.get("split", "test"))
+        real = real_batch(sites, names, size, int(cfg.parity.batch), split=cfg.parity.split)
     else:
         thr, thr_summary, real = np.full(len(names), 0.5), {}, None
         note = "no training site is registered here: 0.5 for every class"
@@ -529,6 +551,8 @@ def export_onnx(cfg: DictConfig) -> dict[str, Any]:
         result["int8"] = _int8(cfg, out, sites, names, size, batch)
     if cfg.get("bundle"):
         result["bundle"] = str(_bundle(out, result, str(cfg.get("bundle_version") or "0.1.0")))
+    if sign_key is not None:
+        result["signatures"] = sign_outputs(out, sign_key)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "export.json").write_text(json.dumps(result, indent=2, default=_json_default, allow_nan=False))
     print_summary(result)
@@ -547,10 +571,10 @@ def _training_sites(cfg: DictConfig, pretrained: Pretrained) -> tuple[dict[str, 
 
 def _int8(cfg: DictConfig, out: Path, sites: dict[str, SiteConfig], names: list[str], size: int,
           batch: int) -> dict[str, Any]:
-    mode = cfg.get("int8_mode", "dynamic")
+    mode = cfg.int8_mode
     calib = None
     if mode == "static":
-        calib = real_batch(sites, names, size, int(cfg.get("calibration_images", 64)), split="train")
+        calib = real_batch(sites, names, size, int(cfg.calibration_images), split="train")
     print(f"quantising classifier.onnx to INT8 ({mode}) ...", flush=True)
     info = quantize_int8(out / "classifier.onnx", out / "classifier.int8.onnx", mode=mode, calibration=calib)
     if not sites:
@@ -572,10 +596,31 @@ def _bundle(out: Path, result: dict[str, Any], version: str) -> Path:
     from .bundle import model_card, write_bundle
 
     meta = read_metadata(out / "classifier.onnx")
-    readme = Path(__file__).resolve().parents[1] / "deploy" / "README.md"
-    card = model_card(meta, readme.read_text() if readme.is_file() else None)
+    # the model card ships inside the runtime package, so a wheel install exports it too
+    card = model_card(meta, resources.files("raycxr_runtime").joinpath("model_card.md").read_text())
     parity = result["parity"]["classifier"]["max_abs_diff"]
     return write_bundle(out / "bundle", out / "classifier.onnx", meta, card, version=version, parity=parity)
+
+
+def _signing_key(path: str | None) -> Any:
+    if not path:
+        return None
+    from raycxr_runtime.signing import SignatureError, load_private_key
+
+    try:
+        return load_private_key(path)
+    except SignatureError as exc:
+        raise ValueError(f"sign_key: {exc}") from None
+
+
+def sign_outputs(out: str | Path, private_key: Any) -> dict[str, str]:
+    """``sign_key=KEY.pem``: a detached Ed25519 signature ``<file>.sig`` (see :mod:`raycxr_runtime.signing`)
+    for every ONNX file of the export, the bundle's ``models/model.onnx`` included; ``{file: .sig}``."""
+    from raycxr_runtime.signing import sign_file
+
+    out = Path(out)
+    files = sorted(out.glob("*.onnx")) + sorted((out / "bundle" / "models").glob("*.onnx"))
+    return {str(f.relative_to(out)): str(sign_file(f, private_key).relative_to(out)) for f in files}
 
 
 def _json_default(o: Any) -> Any:

@@ -186,10 +186,3 @@ class UnionLabelSpace:
         targets[:, ix[keep]] = np.where(known, resolved, 0.0)[:, keep]
         mask[:, ix[keep]] = known[:, keep].astype(np.float32)
         return targets, mask
-
-    def coverage(self) -> np.ndarray:
-        """``(n_sites, U)`` matrix: 1 where a site annotates a union class (for the README plot)."""
-        cov = np.zeros((len(self.site_index), len(self.names)), np.float32)
-        for i, ix in enumerate(self.site_index.values()):
-            cov[i, ix[ix >= 0]] = 1
-        return cov

@@ -1,7 +1,7 @@
 """Loss functions, schedules and the EMA update for Ark, UniChest and the self-supervised baselines.
 
 Plain functions on tensors; nothing here owns parameters. Defaults follow the authors' code as
-summarised in ``shared/REFERENCE.md`` (UniChest: U.3 Eq. 5, U.4; Ark: A.3, A.4); where the paper
+summarised in ``docs/references.md`` (UniChest: U.3 Eq. 5, U.4; Ark: A.3, A.4); where the paper
 differs and its variant is useful it is offered as a keyword. Deliberate differences from the
 authors' code are marked "Deliberate difference" in the docstrings:
 
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: UniChest/KAD's image-text logit multiplier ``ln(1/0.07)``, used as is (never exponentiated, never
-#: learned), i.e. an effective temperature of about 0.376 (REFERENCE U.4).
+#: learned), i.e. an effective temperature of about 0.376 (references U.4).
 UNICHEST_ITC_SCALE: float = math.log(1 / 0.07)
 
 _REDUCTIONS = ("sum", "mean", "none")
@@ -75,7 +75,7 @@ def _zero(*tensors: torch.Tensor) -> torch.Tensor:
 def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None, *,
                     gamma_neg: float = 6.0, gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8,
                     from_probs: bool = False, reduction: str = "sum", detach_focal: bool = True) -> torch.Tensor:
-    """Asymmetric loss (Ridnik et al. 2021) as UniChest codes it (REFERENCE U.4).
+    """Asymmetric loss (Ridnik et al. 2021) as UniChest codes it (references U.4).
 
     With ``p = σ(logits)`` (or ``p = logits`` when ``from_probs=True``, UniChest's path on the Eq. 5
     mixed probabilities) and targets ``y`` in [0, 1], per entry::
@@ -141,7 +141,7 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
 def image_text_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
                                 temperature: float | torch.Tensor | None = None, *,
                                 normalize: bool = False) -> torch.Tensor:
-    """Symmetric image-text InfoNCE over the local batch (UniChest/KAD ``ClipLoss``, REFERENCE U.4).
+    """Symmetric image-text InfoNCE over the local batch (UniChest/KAD ``ClipLoss``, references U.4).
 
     With ``I, T`` of shape ``(N, D)`` (row i of ``I`` matches row i of ``T``) and logits
     ``L = s · I Tᵀ``::
@@ -180,7 +180,7 @@ def image_text_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
 
 def source_contrastive_loss(features: torch.Tensor, source_ids: torch.Tensor | Sequence[int],
                             temperature: float = 1.0) -> torch.Tensor:
-    """UniChest's source contrastive loss (SCL, ``moe_cl_loss``; REFERENCE U.4).
+    """UniChest's source contrastive loss (SCL, ``moe_cl_loss``; references U.4).
 
     ``z = f / ‖f‖``, ``S = exp(z zᵀ / τ)`` with the diagonal set to 0. For every ordered pair
     (anchor i, positive j ≠ i) from the same source::
@@ -274,7 +274,7 @@ def masked_bce_with_logits(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def ark_consistency_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
-    """Ark's student-teacher consistency (REFERENCE A.4): ``mean_{B×P} (s - t)²`` between the
+    """Ark's student-teacher consistency (references A.4): ``mean_{B×P} (s - t)²`` between the
     projector outputs of the student (view 1) and the teacher (view 2). The teacher output is
     detached (the authors' teacher has ``requires_grad=False``; same gradient)."""
     if student_out.shape != teacher_out.shape:
@@ -284,7 +284,7 @@ def ark_consistency_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """In place ``θ_t ← m·θ_t + (1-m)·θ_s`` for every parameter (REFERENCE A.3).
+    """In place ``θ_t ← m·θ_t + (1-m)·θ_s`` for every parameter (references A.3).
 
     Parameters are paired by name (the authors zip ``parameters()`` in order, which is the same
     pairing for identically built models) and all of them are updated, frozen or not; buffers
@@ -311,7 +311,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 def cosine_schedule(base: float, final: float, rounds: int, steps_per_round: int) -> np.ndarray:
-    """Ark/DINO cosine schedule without warm-up (REFERENCE A.3)::
+    """Ark/DINO cosine schedule without warm-up (references A.3)::
 
         sched[k] = final + ½(base - final)(1 + cos(π k / N)),   k = 0 … N-1,   N = rounds · steps_per_round
 

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import image_text_contrastive_loss, masked_bce_with_logits, moco_loss, nt_xent_loss, vicreg_loss
+from .registry import Registry
 
-# name -> builder(dim, n_classes=..., text_dim=..., **options); filled by @register_objective
-_OBJECTIVES: dict[str, type[SiteObjective]] = {}
+# name -> SiteObjective subclass, built as cls(dim, [n_classes | text_dim], **options); filled by @register_objective
+OBJECTIVE_REGISTRY: Registry[type[SiteObjective]] = Registry("objective")
 # objectives that read the site's reports (they need the text encoder)
 REPORT_OBJECTIVES = ("clip", "slip")
 
@@ -31,18 +32,16 @@ REPORT_OBJECTIVES = ("clip", "slip")
 def register_objective(name: str):
     """Class decorator: make a :class:`SiteObjective` available as ``objective: <name>`` in site YAMLs."""
     def deco(cls: type[SiteObjective]) -> type[SiteObjective]:
-        old = _OBJECTIVES.get(name)
-        if old is not None and old.__qualname__ != cls.__qualname__:
-            raise ValueError(f"objective '{name}' is already registered by {old.__qualname__}")
+        OBJECTIVE_REGISTRY.register(name, cls)
         cls.objective_name = name
-        _OBJECTIVES[name] = cls
         return cls
     return deco
 
 
 def list_objectives() -> tuple[str, ...]:
     """Registered objective names, ``supervised`` first."""
-    return tuple(sorted(_OBJECTIVES, key=lambda n: (n != "supervised", list(_OBJECTIVES).index(n))))
+    names = OBJECTIVE_REGISTRY.names()
+    return tuple(sorted(names, key=lambda n: (n != "supervised", names.index(n))))
 
 
 def _mlp(dim: int, hidden: int, out: int, *, bn: bool = False) -> nn.Sequential:
@@ -178,7 +177,7 @@ class SLIPObjective(SiteObjective):
 def make_objective(kind: str, dim: int, *, n_classes: int = 0, text_dim: int | None = None,
                    **options: float) -> SiteObjective:
     """Build a site's objective from its YAML ``objective`` name (see :func:`register_objective`)."""
-    if kind not in _OBJECTIVES:
+    if kind not in OBJECTIVE_REGISTRY:
         raise ValueError(f"unknown objective '{kind}'; expected one of {list_objectives()}")
     if kind == "supervised":
         if n_classes < 1:
@@ -188,8 +187,8 @@ def make_objective(kind: str, dim: int, *, n_classes: int = 0, text_dim: int | N
     if kind in REPORT_OBJECTIVES:
         if not text_dim:
             raise ValueError(f"objective '{kind}' needs a text encoder (text_dim)")
-        return _OBJECTIVES[kind](dim, text_dim, **options)
-    return _OBJECTIVES[kind](dim, **options)
+        return OBJECTIVE_REGISTRY.entries[kind](dim, text_dim, **options)
+    return OBJECTIVE_REGISTRY.entries[kind](dim, **options)
 
 
 OBJECTIVES = list_objectives()  # the built-in ones, for validation and tests

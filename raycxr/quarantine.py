@@ -29,7 +29,7 @@ import numpy as np
 
 from .readers import ImageReadError
 
-__all__ = ["Quarantine", "QuarantineEntry", "safe_read"]
+__all__ = ["Quarantine", "QuarantineEntry", "pixel_problem", "safe_read"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,18 @@ class Quarantine:
         return out
 
 
+def pixel_problem(image: np.ndarray, *, constant: bool = True) -> str | None:
+    """Why a decoded image cannot be trained on, or None: non-finite pixels (NaN / inf, which reach the
+    loss as NaN and stop a run far from the file), or (``constant``) one value everywhere (no content)."""
+    a = np.asarray(image)
+    bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+    if bad:
+        return f"non-finite pixel values: {bad} of {a.size} pixels are NaN or infinite after decoding"
+    if constant and a.size and float(a.max()) == float(a.min()):
+        return f"constant image: every pixel is {float(a.min()):.4g} after decoding (no content)"
+    return None
+
+
 def safe_read(
     reader: Callable[[str | os.PathLike[str]], np.ndarray],
     path: str | os.PathLike[str],
@@ -146,11 +158,16 @@ def safe_read(
 ) -> np.ndarray | None:
     """``reader(path)``, or ``None`` after recording the image in ``quarantine``.
 
-    Only :class:`~raycxr.readers.ImageReadError` (a property of the file) is quarantined;
-    anything else is a bug or an environment problem and propagates.
+    :class:`~raycxr.readers.ImageReadError` (a property of the file) and non-finite pixels are
+    quarantined; anything else is a bug or an environment problem and propagates.
     """
     try:
-        return reader(path)
+        image = reader(path)
     except ImageReadError as exc:
         quarantine.record(image_id, str(path), exc.reason)
         return None
+    problem = pixel_problem(image, constant=False)
+    if problem is not None:
+        quarantine.record(image_id, str(path), problem)
+        return None
+    return image

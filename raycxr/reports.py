@@ -7,7 +7,7 @@ runtime side can use it without the text encoder.
   that maps surface phrases to canonical class names (:mod:`raycxr.labels`), NegEx-style negation
   (pre-triggers scoped to the clause, post-triggers such as "... has resolved") and hedges
   ("possible", "may represent") that keep a finding positive but flag it uncertain. This stands in
-  for the RadGraph entities UniChest reads for MIMIC (REFERENCE U.2), which are not shipped.
+  for the RadGraph entities UniChest reads for MIMIC (references U.2), which are not shipped.
 * **UniChest text** (:func:`entity_text`): ``' [ENT] e1 [ENT] e2 [SEP] '`` per sentence, the report
   text as fallback, or the positive label names joined by ``' [SEP] '`` when there is no report.
 """
@@ -338,7 +338,7 @@ def positive_findings(report: str | None, vocabulary: Sequence[str] | None = Non
 
 def entity_text(report: str | None, positive_label_names: Sequence[str] = (), *, use_names: bool = False,
                 vocabulary: Sequence[str] | None = None) -> str:
-    """The text UniChest pairs with an image (REFERENCE U.2).
+    """The text UniChest pairs with an image (references U.2).
 
     * report with findings: per sentence that has positive (incl. uncertain) entities,
       ``' [ENT] e1 [ENT] e2' + ' [SEP] '``, concatenated. Entities are the report's own words

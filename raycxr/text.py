@@ -82,7 +82,7 @@ class TextEncoder(nn.Module):
     With ``freeze`` the backbone has ``requires_grad=False`` and runs without autograd; only
     ``mlp_embed`` trains. The frozen backbone stays in eval mode (deterministic features) unless
     ``dropout_when_frozen=True``, which reproduces UniChest calling ``text_encoder.train()`` on a
-    frozen BERT (REFERENCE U.2).
+    frozen BERT (references U.2).
     """
 
     def __init__(self, model_dir: str | Path, embed_dim: int | None = None, max_length: int = 256,
@@ -155,7 +155,7 @@ class TextEncoder(nn.Module):
         A frozen backbone in eval mode gives the same features for the same string every time, so they are
         computed once per string and cached (UniChest encodes the same class names at every step, and the
         label-name texts of sites without reports repeat). Deliberate difference: the authors run the frozen
-        BERT in train mode, dropout on (REFERENCE U.2); ``dropout_when_frozen=True`` does that, uncached."""
+        BERT in train mode, dropout on (references U.2); ``dropout_when_frozen=True`` does that, uncached."""
         if self.frozen and not self.backbone.training and self.cache_size:
             if self._cache and next(iter(self._cache.values())).device != self.device:
                 self._cache.clear()  # the module moved to another device

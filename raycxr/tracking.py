@@ -67,9 +67,9 @@ class Tracker:
     @classmethod
     def from_config(cls, cfg: Any, out: str | Path, run_name: str | None = None) -> Tracker:
         t = cfg.get("tracking") if cfg is not None else None
-        if not t or t.get("backend", "none") == "none":
+        if not t or t.backend == "none":
             return cls("none", out)
-        return cls(str(t.backend), out, uri=t.get("uri"), experiment=str(t.get("experiment") or "raycxr"),
+        return cls(str(t.backend), out, uri=t.uri, experiment=str(t.experiment),
                    run_name=run_name)
 
     def log_params(self, params: dict[str, Any]) -> None:

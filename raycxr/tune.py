@@ -1,9 +1,10 @@
 """``raycxr tune``: a Ray Tune sweep over a method's knobs, ranked by the val mean AUC.
 
-- The grid is the method's (:data:`SWEEPS`): UniChest ``tune.lam`` × ``tune.n_experts`` × ``tune.lr``; UmiF
-  ``tune.umif.p`` × ``tune.umif.tau`` × ``tune.umif.p_end`` (the grouping, the temperature and the r
-  schedule), each through ``tune.grid_search``; every other knob is the pretraining config
-  (``configs/tune.yaml`` composes ``configs/pretrain.yaml``).
+- The grid is the method's (:attr:`~raycxr.methods.Method.tune_space`, checked by its ``tune_grid``): UniChest
+  ``tune.lam`` × ``tune.n_experts`` × ``tune.lr``; UmiF ``tune.umif.p`` × ``tune.umif.tau`` × ``tune.umif.p_end``
+  (the grouping, the temperature and the r schedule), each through ``tune.grid_search``; every other knob
+  is the pretraining config (``raycxr/configs/tune.yaml`` composes ``raycxr/configs/pretrain.yaml``). The method also
+  says which stage ranks a trial (``tune_ranked_stage``) and where ASHA's first rung is (``tune_first_rung``).
 - Each trial runs :func:`raycxr.train.driver.train_method` with :class:`~raycxr.train.local.LocalData` in
   the trial process, reporting once per epoch through ``ray.tune.report`` (metrics, ``val_auc``
   included, plus a checkpoint). ASHA stops trials whose val AUC trails at a rung.
@@ -40,18 +41,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import FILENAME, Checkpoint
+from .methods import Method, get_method, list_methods
+from .methods.base import TuneKnob
 from .train.driver import Run, train_method
 from .train.local import LocalData, select_sites
 
-# per method: column in the results -> (the pretraining config key it sets, where the grid's values are)
-SWEEPS: dict[str, dict[str, tuple[str, str]]] = {
-    "unichest": {"lam": ("unichest.lam", "tune.lam"), "K": ("unichest.n_experts", "tune.n_experts"),
-                 "lr": ("unichest.lr", "tune.lr")},
-    "umif": {"p": ("umif.p", "tune.umif.p"), "tau": ("umif.tau", "tune.umif.tau"),
-             "p_end": ("umif.p_end", "tune.umif.p_end")},
-}
-LABELS = {"lam": "λ (shared-network weight)", "K": "K (query networks)", "lr": "lr", "p": "p (P(r = 1))",
-          "tau": "τ (alignment temperature)", "p_end": "p_end (r schedule)"}
 METRIC = "val_auc"
 
 
@@ -59,58 +53,45 @@ def _values(v: Any) -> list:
     return list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]
 
 
-def sweep_columns(cfg: DictConfig) -> dict[str, tuple[str, str]]:
-    if cfg.method not in SWEEPS:
-        raise ValueError(f"raycxr tune sweeps {sorted(SWEEPS)}; method={cfg.method} has no sweep")
-    return SWEEPS[cfg.method]
+def swept_method(method: str | type[Method]) -> type[Method]:
+    """The method class of a sweep; a method without a ``tune_space`` is refused, naming those that have one."""
+    cls = get_method(method) if isinstance(method, str) else method
+    if not cls.tune_space:
+        swept = [m for m in list_methods() if get_method(m).tune_space]
+        raise ValueError(f"raycxr tune sweeps {swept}; method={cls.name} has no sweep")
+    return cls
 
 
-def _number(v: Any) -> float | None:
-    return None if v is None else float(v)
+def sweep_columns(cfg: DictConfig) -> dict[str, TuneKnob]:
+    return swept_method(cfg.method).tune_space
 
 
 def sweep_grid(cfg: DictConfig) -> dict[str, list]:
     """The method's grid from ``cfg.tune``, e.g. ``{"lam": [...], "K": [...], "lr": [...]}``."""
-    grid = {col: _values(OmegaConf.select(cfg, where)) for col, (_, where) in sweep_columns(cfg).items()}
-    if cfg.method == "unichest":
-        grid = {"lam": [float(x) for x in grid["lam"]], "K": [int(x) for x in grid["K"]],
-                "lr": [float(x) for x in grid["lr"]]}
-        if any(k < 2 for k in grid["K"]):
-            raise ValueError(f"tune.n_experts: K must be >= 2 (the shared network plus an expert), got {grid['K']}")
-        if any(not 0.0 <= lam <= 1.0 for lam in grid["lam"]):
-            raise ValueError(f"tune.lam: λ must be in [0, 1], got {grid['lam']}")
-    else:
-        grid = {col: [_number(x) for x in vals] for col, vals in grid.items()}
-        for col in ("p", "p_end"):
-            if any(x is not None and not 0.0 <= x <= 1.0 for x in grid[col]):
-                raise ValueError(f"tune.umif.{col}: must be in [0, 1], got {grid[col]}")
-        if any(x is None or x <= 0 for x in grid["tau"]):
-            raise ValueError(f"tune.umif.tau: τ must be > 0, got {grid['tau']}")
+    cls = swept_method(cfg.method)
+    grid = cls.tune_grid({col: _values(OmegaConf.select(cfg, knob.grid)) for col, knob in cls.tune_space.items()})
     if any(not vals for vals in grid.values()):
         raise ValueError(f"tune: every knob needs at least one value, got {grid}")
     return grid
 
 
 def max_epochs(cfg: DictConfig) -> int:
-    if cfg.method == "unichest":
-        return int(cfg.unichest.conquer_epochs) + int(cfg.unichest.divide_epochs)
-    return int(cfg[cfg.method].epochs)
+    return swept_method(cfg.method).tune_epochs(cfg)
 
 
 def grace_period(cfg: DictConfig) -> int:
-    """ASHA's first rung: by default UniChest's first divide epoch, since λ and K only enter the model's
-    output in divide (conquer epochs of trials that differ in λ and K differ by initialisation noise);
-    another method's first epoch."""
+    """ASHA's first rung: ``tune.grace_period``, by default the method's first epoch at which the swept
+    knobs act (UniChest's first divide epoch, since λ and K only enter the model's output in divide)."""
     g = cfg.tune.get("grace_period")
-    first = int(cfg.unichest.conquer_epochs) + 1 if cfg.method == "unichest" else 1
+    first = swept_method(cfg.method).tune_first_rung(cfg)
     return max(1, min(int(g) if g is not None else first, max_epochs(cfg)))
 
 
 def trial_config(base: dict, params: dict) -> DictConfig:
     """The pretraining config of one trial: the sweep's base config with the swept knobs set."""
     cfg = OmegaConf.create(base)
-    for col, (key, _) in SWEEPS[cfg.method].items():
-        OmegaConf.update(cfg, key, params[col])
+    for col, knob in sweep_columns(cfg).items():
+        OmegaConf.update(cfg, knob.key, params[col])
     return cfg
 
 
@@ -132,7 +113,7 @@ class TuneRun(Run):
     second copy as ``checkpoint.pt``)."""
 
     def __init__(self, out: str | Path, *, checkpoint: bool = True) -> None:
-        super().__init__(out)
+        super().__init__(out, keep_best=checkpoint)  # best.pt in the trial's folder, unless checkpoints are off
         self.checkpoint = checkpoint
         self.last: dict = {}
 
@@ -156,7 +137,7 @@ class TuneRun(Run):
 
 
 def run_trial(params: dict, base: dict) -> None:
-    """One trial (what Tune runs): the UniChest schedule in this process, resumed from the trial's
+    """One trial (what Tune runs): the method's schedule in this process, resumed from the trial's
     last checkpoint when Tune restarts or restores it."""
     import ray.tune
 
@@ -175,21 +156,22 @@ def run_trial(params: dict, base: dict) -> None:
 
 def run_trial_on_train(params: dict, base: dict) -> None:
     """One trial as a Ray Train run (``tune.trial_runner=ray``): the trial's own site actors and a
-    ``TorchTrainer`` running :func:`raycxr.train.ray_runner.train_loop_per_worker`, reporting every
+    ``TorchTrainer`` running :func:`raycxr.ray.runner.train_loop_per_worker`, reporting every
     epoch to Tune. A restored trial resumes from its Train run's checkpoint (same name and storage)."""
     import ray.tune
 
-    from .train.ray_launch import build_trainer, start_site_actors
-    from .train.ray_runner import train_loop_per_worker
+    from .ray.launch import build_trainer, start_site_actors
+    from .ray.runner import train_loop_per_worker
 
     cfg = trial_config(base, params)
     trial = ray.tune.get_context().get_trial_id()
     exp = Path(base["out"])
     cfg.out, cfg.runner = str(exp / "runs" / trial), "ray"
     cfg.ray.run_name = f"{exp.name}-{trial}"  # also names this trial's site actors
-    actors = start_site_actors(cfg, select_sites(cfg), cfg.ray.run_name)
+    sites = select_sites(cfg)
+    actors = start_site_actors(cfg, sites, cfg.ray.run_name)
     build_trainer(cfg, actors, train_loop_per_worker, name=cfg.ray.run_name, storage=exp / "train",
-                  callbacks=[_train_to_tune()]).fit()
+                  callbacks=[_train_to_tune()], sites=sites).fit()
 
 
 def _train_to_tune() -> Any:
@@ -249,10 +231,10 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from .train.ray_launch import init_ray
+    from .ray.launch import init_ray
 
     sweep_columns(cfg)
-    if not (cfg.get("val") and cfg.val.get("enabled", True)):
+    if not cfg.val.enabled:
         raise ValueError("raycxr tune ranks trials by the val AUC: val.enabled must be true")
     if cfg.get("resume"):
         raise ValueError("resume= is for one run; a sweep resumes by running again with the same tune.name "
@@ -305,17 +287,17 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=t.num_to_keep)),
         )
     results = tuner.fit()
-    ranked = "divide" if cfg.method == "unichest" else None
-    rows = result_rows(results, max_epochs(cfg), list(grid), ranked_stage=ranked)
+    rows = result_rows(results, max_epochs(cfg), cfg.method)
     return {**write_report(rows, exp, grid, cfg.method), "restored": restored, "path": str(exp)}
 
 
-def result_rows(results: Any, max_t: int, columns: list[str] | None = None,
-                ranked_stage: str | None = "divide") -> list[dict]:
-    """One row per trial: the swept knobs, the best val AUC over the ranked epochs (UniChest: divide, where
-    λ and K act; None: every epoch) and its epoch, UniChest's best over conquer (for reference), epochs run,
-    stopped early or not."""
-    columns = columns or list(SWEEPS["unichest"])
+def result_rows(results: Any, max_t: int, method: str | type[Method]) -> list[dict]:
+    """One row per trial: the swept knobs, the best val AUC over the method's ranked epochs
+    (``tune_ranked_stage``, e.g. UniChest's divide, where λ and K act; None: every epoch) and its epoch, the
+    best over its reference stage (``<stage>_val_auc``, e.g. UniChest's conquer), epochs run, stopped early
+    or not."""
+    cls = swept_method(method)
+    columns, ranked_stage, reference = list(cls.tune_space), cls.tune_ranked_stage, cls.tune_reference_stage
     rows = []
     for res in results:
         df = res.metrics_dataframe
@@ -323,7 +305,7 @@ def result_rows(results: Any, max_t: int, columns: list[str] | None = None,
         stages = list(df["stage"]) if df is not None and "stage" in df else [ranked_stage] * len(aucs)
         finite = [(a, i) for i, (a, st) in enumerate(zip(aucs, stages))
                   if math.isfinite(a) and (ranked_stage is None or st == ranked_stage)]
-        conquer = [a for a, st in zip(aucs, stages) if math.isfinite(a) and st == "conquer"]
+        ref = [a for a, st in zip(aucs, stages) if math.isfinite(a) and st == reference]
         best, at = max(finite) if finite else (math.nan, -1)
         epochs = int(df["training_iteration"].max()) if df is not None and len(df) else 0
         # the trial's last state (what a resumed trial continues from), not the best epoch's
@@ -334,7 +316,7 @@ def result_rows(results: Any, max_t: int, columns: list[str] | None = None,
                      **{c: res.config[c] for c in columns},
                      "best_val_auc": round(best, 5) if finite else math.nan,
                      "best_epoch": at + 1 if finite else None,
-                     "conquer_val_auc": round(max(conquer), 5) if conquer else math.nan,
+                     **({f"{reference}_val_auc": round(max(ref), 5) if ref else math.nan} if reference else {}),
                      "epochs_run": epochs, "max_epochs": max_t,
                      "stopped_early": res.error is None and epochs < max_t,
                      "error": type(res.error).__name__ if res.error is not None else "",
@@ -355,27 +337,22 @@ def _fmt(v: Any) -> str:
     return "null" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def write_report(rows: list[dict], out: Path, grid: dict[str, list], method: str = "unichest") -> dict[str, Any]:
+def write_report(rows: list[dict], out: Path, grid: dict[str, list], method: str | type[Method]) -> dict[str, Any]:
     """``tune_results.csv`` / ``.md``, the heat-map and ``best_config.yaml`` in ``out``; prints the best."""
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
-    columns = list(SWEEPS[method])
+    cls = swept_method(method)
+    columns, ranked, reference = list(cls.tune_space), cls.tune_ranked_stage, cls.tune_reference_stage
     csv = out / "tune_results.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     best = best_row(rows)
-    heat = plot_heatmap(rows, out / "tune_heatmap.png", grid, method)
+    heat = plot_heatmap(rows, out / "tune_heatmap.png", grid, cls)
     knobs = ", ".join(f"{c} ∈ {[_fmt(v) for v in grid[c]]}" for c in columns)
-    if method == "unichest":
-        title = "UniChest"
-        metric = ("best val mean AUC over the divide epochs a trial ran (λ and K act only in divide; ASHA may stop "
-                  "a trial early). The best conquer epoch is listed for reference: its spread between trials is the "
-                  "run-to-run noise.")
-        heads = ["λ", "K", "lr", "best val AUC (divide)", "at epoch", "best val AUC (conquer)"]
-    else:
-        title = method
-        metric = "best val mean AUC (the run's classifier) over the epochs a trial ran (ASHA may stop a trial early)."
-        heads = [*columns, "best val AUC", "at epoch"]
+    title, metric = cls.display_name or cls.name, cls.tune_metric
+    heads = [*(k.heading or c for c, k in cls.tune_space.items()),
+             f"best val AUC ({ranked})" if ranked else "best val AUC", "at epoch",
+             *([f"best val AUC ({reference})"] if reference else [])]
     lines = [f"# {title} sweep `{out.name}`", "", f"{knobs}; metric: {metric}", "",
              "| " + " | ".join([*heads, "epochs run", "stopped early", "error"]) + " |",
              "|" + "---|" * (len(heads) + 3)]
@@ -384,23 +361,23 @@ def write_report(rows: list[dict], out: Path, grid: dict[str, list], method: str
         mark = "**" if r is best else ""
         cells = [f"{mark}{_fmt(r[c])}{mark}" if i < 2 else _fmt(r[c]) for i, c in enumerate(columns)]
         cells += [f"{mark}{auc}{mark}", str(r["best_epoch"] or "–")]
-        if method == "unichest":
-            c = r.get("conquer_val_auc", math.nan)
+        if reference:
+            c = r.get(f"{reference}_val_auc", math.nan)
             cells.append(f"{c:.4f}" if math.isfinite(c) else "–")
         cells += [f"{r['epochs_run']}/{r['max_epochs']}", "yes" if r["stopped_early"] else "no", r["error"]]
         lines.append("| " + " | ".join(cells) + " |")
     best_yaml = out / "best_config.yaml"
     if best is not None:
-        overrides = [f"{key}={_fmt(best[c])}" for c, (key, _) in SWEEPS[method].items()]
+        overrides = [f"{knob.key}={_fmt(best[c])}" for c, knob in cls.tune_space.items()]
         said = ", ".join(f"{c} = {_fmt(best[c])}" for c in columns)
-        lines += ["", f"Best: {said} (val AUC {best['best_val_auc']:.4f}): `raycxr pretrain method={method} "
+        lines += ["", f"Best: {said} (val AUC {best['best_val_auc']:.4f}): `raycxr pretrain method={cls.name} "
                   f"{' '.join(overrides)}`"]
         best_yaml.write_text(OmegaConf.to_yaml(OmegaConf.create(
             {"overrides": overrides, **{c: best[c] for c in columns},
              "val_auc": best["best_val_auc"], "trial": best["trial"],
              "last_checkpoint": best["last_checkpoint"]})))
         print(f"best of {len(rows)} trials: {said} val AUC {best['best_val_auc']:.4f}\n"
-              f"  raycxr pretrain method={method} {' '.join(overrides)}")
+              f"  raycxr pretrain method={cls.name} {' '.join(overrides)}")
     else:
         print(f"no trial of {len(rows)} produced a finite val AUC (is there a val split?)")
     md = out / "tune_results.md"
@@ -409,7 +386,7 @@ def write_report(rows: list[dict], out: Path, grid: dict[str, list], method: str
             "best_config": str(best_yaml) if best is not None else None}
 
 
-def plot_heatmap(rows: list[dict], path: Path, grid: dict[str, list], method: str = "unichest") -> Path:
+def plot_heatmap(rows: list[dict], path: Path, grid: dict[str, list], method: str | type[Method]) -> Path:
     """Heat-map of the best val AUC over the method's first two knobs (λ × K; UmiF p × τ), max over the
     third, numbers in the cells, the best cell framed."""
     import matplotlib
@@ -418,7 +395,9 @@ def plot_heatmap(rows: list[dict], path: Path, grid: dict[str, list], method: st
     import matplotlib.pyplot as plt
     import numpy as np
 
-    ycol, xcol, zcol = list(SWEEPS[method])
+    cls = swept_method(method)
+    space = cls.tune_space
+    ycol, xcol, zcol = list(space)
     ys, xs = sorted(grid[ycol], key=_sort_key), sorted(grid[xcol], key=_sort_key)
     m = np.full((len(ys), len(xs)), np.nan)
     for r in rows:
@@ -427,12 +406,12 @@ def plot_heatmap(rows: list[dict], path: Path, grid: dict[str, list], method: st
             m[i, j] = np.nanmax([m[i, j], r["best_val_auc"]])
     fig, ax = plt.subplots(figsize=(1.4 * len(xs) + 2.4, 1.0 * len(ys) + 1.8))
     im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", aspect="auto")
-    ranked = "best val mean AUC in divide" if method == "unichest" else "best val mean AUC"
+    ranked = f"best val mean AUC in {cls.tune_ranked_stage}" if cls.tune_ranked_stage else "best val mean AUC"
     fig.colorbar(im, ax=ax, label=f"{ranked} (max over {zcol})")
     ax.set_xticks(range(len(xs)), [_fmt(x) for x in xs])
     ax.set_yticks(range(len(ys)), [_fmt(y) for y in ys])
-    ax.set_xlabel(LABELS[xcol])
-    ax.set_ylabel(LABELS[ycol])
+    ax.set_xlabel(space[xcol].label or xcol)
+    ax.set_ylabel(space[ycol].label or ycol)
     finite = np.isfinite(m)
     lo, hi = (np.nanmin(m), np.nanmax(m)) if finite.any() else (0.0, 1.0)
     for i in range(len(ys)):
@@ -443,7 +422,7 @@ def plot_heatmap(rows: list[dict], path: Path, grid: dict[str, list], method: st
     if finite.any():
         i, j = np.unravel_index(np.nanargmax(m), m.shape)
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
-        ax.set_title(f"{'UniChest' if method == 'unichest' else method} sweep: best {ycol}={_fmt(ys[i])}, "
+        ax.set_title(f"{cls.display_name or cls.name} sweep: best {ycol}={_fmt(ys[i])}, "
                      f"{xcol}={_fmt(xs[j])}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

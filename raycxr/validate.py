@@ -12,6 +12,8 @@ that kills its worker (a Rust ``PanicException``, a segfault, the OOM killer) or
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Mapping
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from raycxr_runtime.isolate import IsolatedPool
 
 from .manifest import ManifestError
-from .quarantine import Quarantine
+from .quarantine import Quarantine, pixel_problem
 from .readers import ImageReadError, read_image
 from .sites.config import SiteConfig
 
@@ -29,9 +31,8 @@ IMAGE_TIMEOUT = 120.0  # seconds one image may take to decode before it is given
 
 def _try_read(image_id: str, rel: str, full: str) -> tuple[str, str, str | None]:
     try:
-        read_image(full)
-        return image_id, rel, None
-    except ImageReadError as e:
+        return image_id, rel, pixel_problem(read_image(full))  # NaN / constant pixels: quarantined here,
+    except ImageReadError as e:                                 # not met as a NaN loss in training
         return image_id, rel, e.reason
 
 
@@ -46,7 +47,7 @@ def validate_site(site: SiteConfig, *, check_images: bool = False, workers: int 
     wrong = sorted(set(df["site"]) - {site.name})
     if wrong:  # a copied site: training looks rows up by the YAML's name and would fail with a KeyError
         return {"ok": False, "images": len(df), "quarantined": 0,
-                "message": f"manifest {site.manifest_path} names site(s) {wrong}, but this site is '{site.name}': "
+                "message": f"manifest {site.manifest_file} names site(s) {wrong}, but this site is '{site.name}': "
                            f"run `raycxr sites build {site.name}` to rewrite it under its own name"}
     if site.pair_types is not None:  # a declared UmiF pair type the manifest cannot supply
         from .dataset import site_pair_types
@@ -84,3 +85,32 @@ def validate_site(site: SiteConfig, *, check_images: bool = False, workers: int 
     elif check_images:
         msg += "; every image reads"
     return {"ok": True, "message": msg, "images": len(df), "quarantined": len(q)}
+
+
+def shared_patients(sites: Mapping[str, SiteConfig]) -> list[dict[str, Any]]:
+    """Patients registered at two sites, per pair: ``{"sites", "shared", "different_split"}``.
+
+    Patient ids are compared between sites of one data set (the same split salt, e.g. a copy of NIH
+    under another name) and, across any sites, for pseudonymous DICOM ids (``pt-...``, the hashed
+    PatientID), which name one person wherever they appear. A shared patient in different splits
+    (train at one site, test at the other) leaks into evaluation.
+    """
+    tables = {}
+    for name, site in sites.items():
+        if not site.has_manifest():
+            continue
+        try:
+            m = site.load_manifest()
+        except (ManifestError, FileNotFoundError):
+            continue
+        df = m.to_pandas()
+        tables[name] = (m.site_meta.get("split_salt"), dict(zip(df["patient_id"], df["split"])))
+    out = []
+    for a, b in combinations(sorted(tables), 2):
+        (salt_a, pa), (salt_b, pb) = tables[a], tables[b]
+        same_set = salt_a is not None and salt_a == salt_b
+        common = [p for p in pa.keys() & pb.keys() if same_set or p.startswith("pt-")]
+        if common:
+            out.append({"sites": (a, b), "shared": len(common),
+                        "different_split": sum(pa[p] != pb[p] for p in common)})
+    return out

@@ -27,6 +27,31 @@ def small_sites(small_corpus, tmp_path_factory) -> list[str]:
     return [f"sites.sites_dir={d}", f"sites.data_root={small_corpus}"]
 
 
+@pytest.fixture(scope="session")
+def val_sites(small_corpus, tmp_path_factory):
+    """Two sites of the small corpus with half their images moved to the val split, so that the
+    val AUC has positives and negatives to score."""
+    import pyarrow as pa
+    import yaml
+
+    from raycxr.manifest import Manifest
+
+    d = tmp_path_factory.mktemp("val_sites")
+    for n in ("nih", "siim"):
+        m = Manifest.read(small_corpus / n / "manifest.parquet")
+        split = pa.array(["val" if i % 2 else "train" for i in range(len(m))])
+        table = m.table.set_column(m.table.schema.get_field_index("split"), "split", split)
+        Manifest(table, m.label_names, m.site_meta).write(d / f"{n}_manifest.parquet")
+        (d / f"{n}.yaml").write_text(yaml.safe_dump({"name": n, "adapter": "manifest", "root": str(small_corpus / n),
+                                                     "manifest": str(d / f"{n}_manifest.parquet")}))
+    return [f"sites.sites_dir={d}", f"sites.data_root={small_corpus}"]
+
+
+# a UniChest sweep cell small enough for a test (tests/test_tune.py, tests/test_cluster.py)
+TUNE_TINY = ["image_size=32", "batch_size=4", "encoder.embed_dim=16", "max_steps_per_epoch=1", "probe_size=0",
+             "unichest.query={n_layers: 1, n_heads: 2, ffn: 32, dropout: 0.0, lambda_local: 1.0, lambda_global: 0.4}",
+             "unichest.scl_dim=8", "text.max_length=16", "unichest.conquer_epochs=1", "unichest.divide_epochs=1"]
+
 UNICHEST_SMALL = ["image_size=64", "encoder.embed_dim=32", "unichest.n_experts=2", "text.max_length=16",
                   "unichest.query={n_layers: 1, n_heads: 2, ffn: 64, dropout: 0.0, lambda_local: 1.0, "
                   "lambda_global: 0.4}"]

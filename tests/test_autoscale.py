@@ -2,7 +2,7 @@
 
 import pytest
 
-from raycxr.sites.autoscale import ReplicaScaler, ScalePolicy, scale_decision
+from raycxr.ray.autoscale import ReplicaScaler, ScalePolicy, scale_decision
 
 P = ScalePolicy(min_replicas=1, max_replicas=3, up_wait=0.1, down_util=0.5, patience=2)
 

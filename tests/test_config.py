@@ -65,3 +65,79 @@ def test_nested_site_yaml_typos_are_refused(extra, message):
 
     with pytest.raises(SiteConfigError, match="site file a.yaml: " + message.replace("[", r"\[").replace("]", r"\]")):
         SiteConfig.from_dict({"name": "a", "adapter": "manifest", "root": "a", **extra}, source="a.yaml")
+
+
+def yaml_disagreements(data: dict, schema: type, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Keys of a config file's values without a dataclass field, or restating a default differently."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    hints, own = typing.get_type_hints(schema), {f.name: f for f in dataclasses.fields(schema)}
+    if defaults is None:  # a section's defaults come from its parent (a command may change some: demo.synth)
+        defaults = OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
+    problems = []
+    for key, value in data.items():
+        if key not in own:
+            problems.append(f"{prefix}{key}: no field in {schema.__name__}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            problems += yaml_disagreements(value, hints[key], f"{prefix}{key}.", defaults[key])
+        elif value != defaults[key] and not own[key].metadata.get("preset"):
+            problems.append(f"{prefix}{key}: the YAML says {value!r}, the dataclass default is {defaults[key]!r}")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_each_yaml_key_has_a_field_and_restates_its_default(name):
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(compose(name), resolve=False)
+    assert yaml_disagreements(data, SCHEMAS[name]) == []
+
+
+def test_the_yaml_check_can_fail():
+    from raycxr.schema import PretrainConfig
+
+    bad = {"image_size": 999, "ray": {"bucket_mb": 25, "bucket_mbb": 25}, "tpyo": {"x": 1}}
+    assert yaml_disagreements(bad, PretrainConfig) == [
+        "image_size: the YAML says 999, the dataclass default is 128",
+        "ray.bucket_mbb: no field in RaySection", "tpyo: no field in PretrainConfig"]
+
+
+def test_the_dataclasses_carry_each_knobs_range_once():
+    from raycxr.schema import default, knobs
+
+    assert default("ray.bucket_mb") == 25 and default("unichest.n_experts") == 4
+    ranges = {key: f.metadata.get("range") for key, f, _ in knobs(SCHEMAS["pretrain"])}
+    assert ranges["unichest.n_experts"] == (2, None) and ranges["ray.bucket_mb"] == (0.001, None)
+    with pytest.raises(ValueError, match="unichest.n_experts: must be >= 2, got 1"):
+        compose("pretrain", ["unichest.n_experts=1"])
+
+
+def test_the_configs_ship_inside_the_wheel(tmp_path):
+    """A wheel built from the checkout composes every command's config with no checkout on the path."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(tmp_path / "wheel")], capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {built.stderr.strip().splitlines()[-1:]}")
+    (whl,) = (tmp_path / "wheel").glob("raycxr-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    assert {f"raycxr/configs/{n}.yaml" for n in SCHEMAS} <= set(names)
+    zipfile.ZipFile(whl).extractall(tmp_path / "site")
+    site = str(tmp_path / "site")
+    code = ("import raycxr; from raycxr.config import compose; from raycxr.schema import SCHEMAS\n"
+            f"assert raycxr.__file__.startswith({site!r}), raycxr.__file__\n"
+            "print(sorted(n for n in SCHEMAS if compose(n) is not None))")
+    env = {k: v for k, v in os.environ.items() if k != "RAYCXR_CONFIG_DIR"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "PYTHONPATH": str(tmp_path / "site")})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str(sorted(SCHEMAS))

@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -80,3 +81,75 @@ def test_cross_site_mix_pairs_other_sites():
     for i in range(6):
         best = min(range(6), key=lambda j: residual(i, j) if j != i else float("inf"))
         assert sites[best] != sites[i] and residual(i, best) < 1e-4
+
+
+def _test_image(size: int) -> np.ndarray:
+    """A radiograph-like test card: a bright off-centre blob on a ramp (asymmetric, so a wrong rotation or
+    translation direction shows in the mean image)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    return (0.2 + 0.6 * np.exp(-((xx - 0.4) ** 2 + (yy - 0.6) ** 2) / 0.05) + 0.1 * xx).astype(np.float32)
+
+
+def test_device_augmentation_draws_from_the_host_pipelines_distribution():
+    """``transforms.augment=device`` (BatchAugment, batched) against today's per-sample MONAI pipeline
+    (train_transforms) on the same image, 384 draws each: the distributions of per-image statistics
+    agree (two-sample KS, fixed seeds) and so does the mean image (the geometry's direction)."""
+    from scipy.stats import ks_2samp
+
+    from raycxr.transforms import BatchAugment, train_transforms
+
+    size, n = 48, 384
+    img = _test_image(size)
+    host_tf = train_transforms(size)
+    host_tf.set_random_state(0)
+    host = torch.stack([torch.as_tensor(np.asarray(host_tf({"image": img[None]})["image"])) for _ in range(n)])
+    device = BatchAugment(seed=0)(torch.from_numpy(img)[None, None].repeat(n, 1, 1, 1))
+    assert device.shape == host.shape and device.dtype == torch.float32
+    assert 0 <= float(device.min()) and float(device.max()) <= 1
+
+    def stats(x: torch.Tensor) -> dict[str, np.ndarray]:
+        x = x.flatten(1)
+        return {"mean": x.mean(1), "std": x.std(1), "zero (affine padding)": (x == 0).float().mean(1),
+                "max": x.amax(1), "centre pixel": x[:, (size // 2) * size + size // 2]}
+
+    a, b = stats(host), stats(device)
+    for k in a:
+        p = ks_2samp(a[k].numpy(), b[k].numpy()).pvalue
+        assert p > 0.01, f"{k}: host mean {float(a[k].mean()):.4f} vs device {float(b[k].mean()):.4f} (KS p={p:.2g})"
+    assert float((host.mean(0) - device.mean(0)).abs().max()) < 0.03
+    # the same seed draws the same batch (a run repeats); nothing on: the image itself
+    x = torch.from_numpy(img)[None, None].repeat(4, 1, 1, 1)
+    assert torch.equal(BatchAugment(seed=1)(x), BatchAugment(seed=1)(x))
+    off = BatchAugment(affine_prob=0, contrast_prob=0, intensity_prob=0, noise_prob=0)
+    torch.testing.assert_close(off(x), x)
+
+
+def test_device_data_plane_ships_stored_pixels_and_the_trainer_augments(tmp_path, small_corpus):
+    """With the cache at uint16 a training item is the stored pixels (int16-packed, exact), flagged for
+    augmentation; a clean second view keeps its flag off; the loader's BatchAugment makes floats in [0, 1]."""
+    import shutil
+
+    from raycxr import cache as cache_mod
+    from raycxr.dataset import site_dataset
+    from raycxr.sites.config import SiteConfig
+    from raycxr.transforms import BatchAugment, augment_batch, pack_pixels, unit_float
+
+    u16 = np.array([[0, 1, 32767, 32768, 65535]], np.uint16)
+    assert torch.equal(unit_float(pack_pixels(u16))[0], torch.from_numpy(u16.astype(np.float32) / 65535))
+    shutil.copytree(small_corpus / "nih", tmp_path / "nih")
+    cache_mod._OPEN.clear()
+    site = SiteConfig.from_dict({"name": "nih", "adapter": "manifest", "root": "nih"}, data_root=tmp_path)
+    tf = {"size": 32, "train": {}, "augment": "device", "cache": {"enabled": True, "dir": None, "dtype": "uint16"}}
+    ds = site_dataset(site, tf, split=None, train=True, second_view=True)
+    item = ds[0]
+    assert item["image"].dtype == torch.int16 and item["image"].shape == (1, 32, 32)
+    assert bool(item["augment"]) and not bool(item["augment2"])  # a supervised site's second view is clean
+    stored = ds.cache.stored(ds.df["path"][0])
+    assert stored.dtype == np.uint16
+    assert torch.equal(unit_float(item["image"])[0], torch.from_numpy(stored / 65535.0).float())
+    batch = augment_batch(collate_skip_none([ds[i] for i in range(4)]), BatchAugment(seed=0))
+    assert batch["image"].dtype == torch.float32 and "augment" not in batch
+    assert 0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1
+    clean = site_dataset(site, {**tf, "augment": "host"}, split=None, train=False)
+    torch.testing.assert_close(batch["image2"], torch.stack([clean[i]["image"] for i in range(4)]), rtol=0, atol=1e-6)
+    assert not torch.equal(batch["image"], batch["image2"])

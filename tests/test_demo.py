@@ -31,3 +31,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert set(results["fine_tune"]["openi"]) == {"10%", "100%", "probe_then_ft"}
     assert (run / "eval" / "report.md").is_file()
     assert (run / "export" / "classifier.onnx").is_file() and (run / "export" / "encoder.onnx").is_file()
+    # evaluation and export used the epoch with the best val AUC across both stages, and the summary says which
+    assert "best epoch (eval, export)" in out
+    assert results["model"]["checkpoint"] == str(run / "best.pt")
+    assert json.loads((run / "export" / "export.json").read_text())["checkpoint"] == str(run / "best.pt")

@@ -30,7 +30,11 @@ from raycxr.methods import load_pretrained
 def exported(small_sites, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     untrained_unichest_state(small_sites).save(run / "checkpoint.pt")
-    cfg = compose("export", [f"run={run}", "int8=true", "bundle=true", "parity.batch=5", "threads=2", *small_sites])
+    from raycxr_runtime.signing import generate_key
+
+    generate_key(run / "publisher.pem")
+    cfg = compose("export", [f"run={run}", "int8=true", "bundle=true", "parity.batch=5", "threads=2",
+                             f"sign_key={run / 'publisher.pem'}", *small_sites])
     result = export_onnx(cfg)
     return run, run / "export", result
 
@@ -118,7 +122,7 @@ def test_export_deletes_a_file_that_fails_parity(exported, tmp_path):
 def test_export_bad_run_is_one_clear_error(tmp_path, small_sites):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nope.*raycxr pretrain"):
         export_onnx(compose("export", [f"run={tmp_path / 'nope'}", *small_sites]))
-    # the config schema refuses it before any work, naming the key and the choices
+    # refused before any work, naming the key and the registered choices
     with pytest.raises(ValueError, match=r"exporter: must be one of \['legacy', 'dynamo'\], got 'magic'"):
         export_onnx(compose("export", [f"run={tmp_path}", "exporter=magic", *small_sites]))
 
@@ -140,7 +144,7 @@ def test_monai_bundle_passes_verify_metadata_offline(exported, tmp_path):
     bundle = out / "bundle"
     assert result["bundle"] == str(bundle)
     assert {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} == {
-        "configs/metadata.json", "models/model.onnx", "docs/README.md"}
+        "configs/metadata.json", "models/model.onnx", "models/model.onnx.sig", "docs/README.md"}
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     names = json.loads(read_metadata(out / "classifier.onnx")["class_names"])
     fmt = meta["network_data_format"]
@@ -149,7 +153,9 @@ def test_monai_bundle_passes_verify_metadata_offline(exported, tmp_path):
     assert list(fmt["outputs"]["pred"]["channel_def"].values()) == names
     assert {"version", "monai_version", "pytorch_version", "task", "description", "authors", "copyright"} <= set(meta)
     assert Model(bundle / "models" / "model.onnx").verified  # the same file, digests intact
-    assert "not a medical device" in (bundle / "docs" / "README.md").read_text().lower()
+    card = (bundle / "docs" / "README.md").read_text()
+    assert "not a medical device" in card.lower()
+    assert "**Intended use.**" in card  # the runtime package's model_card.md, shipped as package data
     proc = subprocess.run(verify_command(bundle), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "metadata is verified with no error" in proc.stdout + proc.stderr, \
         proc.stderr[-2000:]
@@ -159,3 +165,20 @@ def test_monai_bundle_passes_verify_metadata_offline(exported, tmp_path):
     (broken / "configs" / "metadata.json").write_text(json.dumps(meta))
     proc = subprocess.run(verify_command(broken), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "dtype" in proc.stdout + proc.stderr  # the check can fail
+
+
+def test_sign_key_signs_every_exported_file_and_the_bundle_copy(exported, tmp_path):
+    from raycxr_runtime.model import Model, ModelError
+    from raycxr_runtime.signing import load_trusted_keys
+
+    run, out, result = exported
+    files = ["bundle/models/model.onnx", "classifier.int8.onnx", "classifier.onnx", "encoder.onnx"]
+    assert result["signatures"] == {f: f + ".sig" for f in files}
+    keys = load_trusted_keys([run / "publisher.pub.pem"])
+    for f in files:
+        assert Model(out / f, trusted_keys=keys, require_signature=True).signature["status"] == "verified"
+    # the signature is over this file's digests: the int8 file's signature does not vouch for the float32 one
+    (tmp_path / "classifier.onnx").write_bytes((out / "classifier.onnx").read_bytes())
+    (tmp_path / "classifier.onnx.sig").write_bytes((out / "classifier.int8.onnx.sig").read_bytes())
+    with pytest.raises(ModelError, match="changed after signing"):
+        Model(tmp_path / "classifier.onnx", trusted_keys=keys, require_signature=True)

@@ -1,5 +1,6 @@
 """Gradient sync on a real 2-process gloo group: the same weights as one process on the whole batch."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from raycxr.train.grad_sync import BucketedGradSync, GradAllReduce
+from raycxr.ray.grad_sync import BucketedGradSync, GradAllReduce
 
 STEPS = ("a", "a", "b")  # head b trains only in the last step: its gradients arrive outside the first plan
 
@@ -52,8 +53,11 @@ def make(seed: int) -> tuple[TwoHeads, torch.optim.Optimizer]:
 
 def _worker(rank: int, store: str, out: str, kind: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    # the optimiser before the group: building the first one imports torch._dynamo, which, once a group
+    # exists, keeps a reference to it, so destroy_process_group() leaves gloo's threads running into the
+    # interpreter's shutdown (seen to abort the worker with SIGABRT on CI)
     model, opt = make(seed=rank)  # different seeds: the sync must broadcast rank 0's weights first
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     if kind == "bucketed":
         sync = BucketedGradSync(opt, bucket_mb=1e-3)  # ~1 KB buckets: several per step
     else:
@@ -65,6 +69,10 @@ def _worker(rank: int, store: str, out: str, kind: str) -> None:
     stats = getattr(sync, "stats", {})
     torch.save({"state": model.state_dict(), "stats": stats}, Path(out) / f"{kind}{rank}.pt")
     dist.destroy_process_group()
+    tasks = Path("/proc/self/task")
+    gloo = [n for n in (Path(t, "comm").read_text().strip() for t in tasks.iterdir()) if "gloo" in n]
+    assert not gloo, f"gloo threads outlived destroy_process_group(): {gloo}"
+    os._exit(0)  # the result is on disk: nothing in the interpreter's shutdown can fail this worker now
 
 
 @pytest.mark.parametrize("kind", ["bucketed", "per_tensor"])

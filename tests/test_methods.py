@@ -10,8 +10,8 @@ import yaml
 
 from raycxr.checkpoint import Checkpoint, CheckpointError
 from raycxr.config import compose
+from raycxr.engine.device import place
 from raycxr.methods import Method, Pretrained, Unit, get_method, list_methods, load_pretrained, register_method
-from raycxr.methods.base import place
 from raycxr.methods.baselines import supervised_union_epoch
 from raycxr.models.classifiers import Probabilities
 from raycxr.models.factory import LinearClassifier, build_encoder
@@ -87,6 +87,31 @@ def test_a_method_from_a_test_file_trains_through_the_local_runner(small_sites, 
     assert [h["epoch"] for h in res["history"]] == [0] and res["history"][0]["steps"] == 1
     pre = load_pretrained(tmp_path)
     assert pre.method == "tiny" and pre.classifier(torch.rand(2, 1, 64, 64)).shape == (2, len(pre.class_names))
+
+
+def test_eval_and_export_use_the_best_unit_not_the_last(small_sites, tmp_path, monkeypatch):
+    """``best.pt`` is the unit with the best val AUC over the whole schedule (the earliest on a tie): what
+    load_pretrained (eval, demo) and export read; ``checkpoint.pt`` stays the latest, for resuming."""
+    import raycxr.train.driver as driver
+
+    aucs = iter([0.6, 0.8, 0.7, 0.8])  # a later unit is worse, then one ties with the best
+    monkeypatch.setattr(driver, "validation_auc", lambda *a, **k: {"val_auc": next(aucs), "val_images": 8})
+    res = run_pretrain(cfg(small_sites, tmp_path, *TINY[:2], "+tiny.units=3"))
+    best = Checkpoint.load(tmp_path, best=True)
+    assert best.position == 2 and best.val_auc == 0.8 and best.optimizer is None
+    assert Checkpoint.load(tmp_path).position == 3
+    assert res["best"] == {"val_auc": 0.8, "position": 1, "epoch": 1, "checkpoint": str(tmp_path / "best.pt")}
+    assert Checkpoint.find(tmp_path, best=True) == tmp_path / "best.pt"  # what `raycxr export` reads
+    assert load_pretrained(tmp_path).source == str(tmp_path / "best.pt")
+    latest = Checkpoint.load(tmp_path).modules["model"]["head.weight"]
+    assert not torch.equal(best.modules["model"]["head.weight"], latest)
+    # resumed: the earlier units still count, and a tie keeps the earlier unit
+    res = run_pretrain(cfg(small_sites, tmp_path, *TINY[:2], "+tiny.units=4", f"resume={tmp_path}"))
+    assert Checkpoint.load(tmp_path, best=True).position == 2 and res["best"]["position"] == 1
+    # a fresh run in the same folder without validation leaves no stale best.pt: eval reads checkpoint.pt
+    res = run_pretrain(cfg(small_sites, tmp_path, *TINY, "val.enabled=false"))
+    assert res["best"] is None and not (tmp_path / "best.pt").exists()
+    assert load_pretrained(tmp_path).source == str(tmp_path / "checkpoint.pt")
 
 
 RESUME = {  # method -> (overrides for a one-unit run, overrides for the same run with two units)
@@ -205,7 +230,7 @@ def test_the_site_actor_keeps_the_sites_own_quarantine_path(small_corpus, tmp_pa
     """The actor gets the site's config object itself, so a custom ``quarantine:`` holds inside it."""
     import shutil
 
-    from raycxr.sites.actor import SiteActorImpl
+    from raycxr.ray.actor import SiteActorImpl
     from raycxr.sites.config import SiteConfig
 
     root = tmp_path / "nih"
@@ -236,30 +261,31 @@ def test_checkpoint_errors_name_the_file(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_method_from_a_test_file_trains_through_the_ray_runner(small_corpus, tmp_path):
+def test_a_method_from_a_test_file_trains_through_the_ray_runner(val_sites, tmp_path):
     """The driver looks ``method=tiny`` up and sends the class to the Train workers with the config."""
     import ray
     import ray.cloudpickle
 
-    from raycxr.train.ray_runner import run_pretrain_ray
+    from raycxr.ray.runner import run_pretrain_ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test file
-    d = tmp_path / "sites"
-    d.mkdir()
-    (d / "nih.yaml").write_text(yaml.safe_dump({"name": "nih", "adapter": "manifest", "root": "nih"}))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
-    try:
+    try:  # a site with a val split, so that the run has a best unit to keep
         res = run_pretrain_ray(compose("pretrain", [
-            *SMALL, *TINY, "runner=ray", f"sites.sites_dir={d}", f"sites.data_root={small_corpus}",
-            f"out={tmp_path / 'run'}", f"ray.storage_path={tmp_path / 'store'}", "ray.run_name=t-tiny"]))
+            *SMALL, *TINY, "runner=ray", *val_sites, "site_names=[nih]", f"out={tmp_path / 'run'}",
+            f"ray.storage_path={tmp_path / 'store'}", "ray.run_name=t-tiny"]))
     finally:
         ray.shutdown()
     assert [h["epoch"] for h in res["history"]] == [0] and res["history"][0]["steps"] == 1
-    assert load_pretrained(tmp_path / "run").method == "tiny"
+    # the same driver wrote best.pt in the run folder (rank 0), and evaluation reads it
+    assert res["best"]["checkpoint"] == str(tmp_path / "run" / "best.pt")
+    assert res["best"]["val_auc"] == res["history"][0]["val_auc"] is not None
+    pre = load_pretrained(tmp_path / "run")
+    assert pre.method == "tiny" and pre.source == res["best"]["checkpoint"]
 
 
 def test_the_learning_rate_schedule_by_hand_and_across_a_resume():
-    from raycxr.methods.base import LRSchedule
+    from raycxr.engine.schedule import LRSchedule
 
     def lrs(opt, n):
         out = []

@@ -22,6 +22,12 @@ def test_encoder_outputs_for_cnn_swin_vit():
         assert torch.allclose(pooled, tokens.mean(1))
     with pytest.raises(ValueError, match="unknown timm backbone"):
         ImageEncoder("no_such_net")
+    # encoder.patch_size: 8 px patches give a 64 px ViT 64 tokens instead of 16
+    assert ImageEncoder("vit_tiny_patch16_224", embed_dim=16, img_size=64)(torch.rand(1, 1, 64, 64))[1].shape[1] == 16
+    assert ImageEncoder("vit_tiny_patch16_224", embed_dim=16, img_size=64,
+                        patch_size=8)(torch.rand(1, 1, 64, 64))[1].shape[1] == 64
+    with pytest.raises(ValueError, match="patch_size is for ViT"):
+        ImageEncoder("resnet18", patch_size=8)
 
 
 def test_conquer_and_divide_outputs_and_gate(unichest):
@@ -109,3 +115,22 @@ def test_zero_shot_on_an_unseen_class_name_through_the_text_encoder():
         p = model.zero_shot(x, q)
         assert p.shape == (2, 3) and ((p > 0) & (p < 1)).all()
     assert not torch.allclose(p[:, 0], p[:, 1])  # different names give different scores
+
+
+@pytest.mark.parametrize("share_norm", [False, True])
+def test_expert_init_copy_makes_divides_first_forward_equal_conquers_output(share_norm):
+    torch.manual_seed(0)
+    model = UniChest(ImageEncoder("resnet18", embed_dim=32), n_experts=3, query=Q, share_norm=share_norm).eval()
+    for p in model.query_networks[0].parameters():  # a "trained" shared network, unlike the fresh experts
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, q = torch.rand(2, 1, 64, 64), torch.randn(5, 32)
+    with torch.no_grad():
+        conquer = model(x, q, stage="conquer")["prob"]
+        random_divide = model(x, q, stage="divide")["prob"]
+        model.copy_shared_to_experts()
+        out = model(x, q, stage="divide")
+    assert not torch.allclose(random_divide, conquer, atol=1e-4)  # the authors' switch moves the output
+    assert torch.allclose(out["prob"], conquer, atol=1e-6)
+    assert torch.allclose(out["gate"], torch.full_like(out["gate"], 0.5))
+    assert all(qn.head.weight.data_ptr() != model.query_networks[0].head.weight.data_ptr()
+               for qn in model.query_networks[1:])  # copies, not shared parameters: experts can diverge

@@ -37,6 +37,10 @@ def test_unichest_conquer_then_divide_loss_falls_and_restores(small_sites, tmp_p
     val = [r["val_auc"] for r in h]
     assert all(v is not None for v in val)
     assert Checkpoint.load(tmp_path / "a" / "conquer.pt").val_auc == max(val[:4])
+    # best.pt, what eval and export use, is the best unit across both stages, and the summary says which
+    at = val.index(max(val))
+    assert Checkpoint.load(tmp_path / "a", best=True).val_auc == max(val) and res["best"]["position"] == at
+    assert (res["best"]["stage"], res["best"]["epoch"]) == (h[at]["stage"], h[at]["epoch"])
     # divide kept the conquer encoder exactly (frozen, BatchNorm statistics included)
     conquer, final = Checkpoint.load(tmp_path / "a" / "conquer.pt"), Checkpoint.load(tmp_path / "a")
     c_enc, f_enc = conquer.encoder_state(), final.encoder_state()
@@ -90,7 +94,7 @@ def test_logged_val_auc_is_the_saved_models_auc(small_sites, tmp_path):
     of the saved run scored through load_pretrained + predict_site (the evaluation path)."""
     import numpy as np
 
-    from raycxr.eval.metrics import classification_metrics
+    from raycxr.engine.metrics import classification_metrics
     from raycxr.eval.predict import predict_site
     from raycxr.train.local import select_sites
 

@@ -28,7 +28,7 @@ import yaml
 from conftest import untrained_unichest_state
 from PIL import Image
 from pydicom.data import get_testdata_file
-from runtime_helpers import tiny_classifier
+from runtime_helpers import sr_receiver, tiny_classifier
 
 from raycxr.eval.predict import site_targets
 from raycxr.export import export_model
@@ -415,7 +415,7 @@ def test_cli_bomb_and_a_panicking_reader_fail_their_file_only(exported, files, t
     monkeypatch.setattr(inference, "read_image", reader)
     out = tmp_path / "r.json"
     assert main(["--model", str(exported[1]), files["nih"][0], str(bomb), files["vindr"][0], files["nih"][1],
-                 "--out", str(out), "-q"]) == 0
+                 "--out", str(out), "-q", "--workers", "0"]) == 0  # in process: the patched reader runs
     results = json.loads(out.read_text())["results"]
     assert [r["status"] for r in results] == ["scored", "error", "error", "scored"]
     assert "over the pixel budget: declares 30000x30000" in results[1]["warnings"][-1]
@@ -470,9 +470,14 @@ def test_flipped_bytes_and_edited_metadata_are_refused(exported, tmp_path):
 
 
 def test_nan_outputs_give_error_status_and_valid_json(files, tmp_path):
-    path = tiny_classifier(tmp_path / "nan.onnx", 2, ["A", "B"], expr="nan")
+    # NaN only for dark images: the load probe (mean 0.5) passes, the two dark real images give NaN
+    path = tiny_classifier(tmp_path / "nan.onnx", 2, ["A", "B"], expr="nan_dark")
+    dark = []
+    for name, src in (("dark.png", files["png"]), ("dark.tif", files["png"])):
+        Image.fromarray((np.asarray(Image.open(src), np.float32) * 0.2).astype(np.uint8)).save(tmp_path / name)
+        dark.append(str(tmp_path / name))
     out = tmp_path / "r.json"
-    assert main(["--model", str(path), files["nih"][0], files["png"], "--out", str(out), "-q"]) == 0
+    assert main(["--model", str(path), *dark, "--out", str(out), "-q"]) == 0
     text = out.read_text()
 
     def no_constants(name):
@@ -527,7 +532,7 @@ def port_of(url):
 def strict_server(model):
     """Short timeouts and one upload at a time, for the stall / queue cases."""
     srv = make_server(model, host="127.0.0.1", port=0, max_bytes=MAX_BYTES, decode_workers=1, max_inflight=1,
-                      body_timeout=2.0, queue_timeout=0.5, header_timeout=1.0)
+                      body_timeout=2.0, queue_timeout=0.5, header_timeout=1.0, per_client_uploads=2)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
@@ -723,26 +728,16 @@ def test_sr_from_the_cli_and_the_service(exported, model, files, tmp_path, serve
         assert identifier not in caplog.text + captured.err + (tmp_path / "r.json").read_text()
 
 
-def test_dicom_node_scores_received_images_and_sends_the_sr(model, files, caplog):
+def test_dicom_node_scores_received_images_and_sends_the_sr(model, files, caplog, tmp_path):
     pytest.importorskip("pynetdicom")
     caplog.set_level(logging.INFO)
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import ComprehensiveSRStorage, DigitalXRayImageStorageForPresentation
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
     from raycxr_runtime.dicom_node import Destination, DicomNode
 
-    received = []
-
-    def on_store(event):
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        received.append(ds)
-        return 0x0000
-
-    pacs = AE(ae_title="TESTPACS")
-    pacs.add_supported_context(ComprehensiveSRStorage)
-    pacs_server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    node = DicomNode(model, ae_title="RAYCXR", host="127.0.0.1", port=0,
+    pacs_server, received = sr_receiver()
+    node = DicomNode(model, ae_title="RAYCXR", host="127.0.0.1", port=0, spool_dir=tmp_path / "spool",
                      destination=Destination("127.0.0.1", pacs_server.server_address[1], "TESTPACS"))
     try:
         scu = AE(ae_title="MODALITY")

@@ -9,16 +9,16 @@ import yaml
 ray = pytest.importorskip("ray")
 
 from raycxr.config import compose  # noqa: E402
-from raycxr.sites.config import SiteConfigError  # noqa: E402
-from raycxr.train.local import select_sites  # noqa: E402
-from raycxr.train.ray_launch import (  # noqa: E402
+from raycxr.ray.launch import (  # noqa: E402
     replica_policy,
     site_replicas,
     start_site_actors,
     start_site_pools,
     start_site_replicas,
 )
-from raycxr.train.ray_runner import ActorData  # noqa: E402
+from raycxr.ray.runner import ActorData  # noqa: E402
+from raycxr.sites.config import SiteConfigError  # noqa: E402
+from raycxr.train.local import select_sites  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,10 @@ def test_replicas_come_from_the_site_yaml_or_the_run(tmp_path, small_corpus):
 
 @pytest.mark.ray
 def test_two_replicas_serve_disjoint_complete_batches_and_share_the_decode_cache(cluster, tmp_path, small_corpus):
+    # augment=host: each replica draws its own augmentation (with device, the default, the trainer draws)
     cfg = compose("pretrain", [f"sites.sites_dir={site_dir(tmp_path, small_corpus, 2)}", "image_size=32",
                                "batch_size=3", "ray.prefetch=2", "transforms.cache.enabled=true",
-                               f"transforms.cache.dir={tmp_path / 'cache'}"])
+                               f"transforms.cache.dir={tmp_path / 'cache'}", "transforms.augment=host"])
     pools = start_site_replicas(cfg, select_sites(cfg), "t-replicas")
     assert len(pools["vindr"]) == 2
     # the single-actor entry point (federated mode, Tune) still gives the site's named actor, replica 0

@@ -1,9 +1,11 @@
-"""raycxr study end to end on a tiny corpus: two rows, one seed, a few steps; cached cells and resume."""
+"""raycxr study end to end on a tiny corpus: two rows, one seed, a few steps; cached cells and resume
+(``runner=ray`` on a multi-node cluster: tests/test_cluster.py)."""
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from raycxr.config import compose
 from raycxr.study import run_study
@@ -67,25 +69,14 @@ def test_a_rerun_resumes_from_the_cached_cells_and_a_changed_study_is_refused(st
     after = {p: p.stat().st_mtime for p in (out / "cells").rglob("cell.json")}
     assert (ft / "cell.json").is_file()
     assert all(after[p] == t for p, t in before.items())  # nothing else ran again
+    elsewhere = tiny(cfg.out, cfg.sites.data_root)
+    elsewhere.downstream.device = "cpu"  # where cells run is not what they compute: resumed, nothing reruns
+    run_study(elsewhere)
+    assert {p: p.stat().st_mtime for p in (out / "cells").rglob("cell.json")} == after
     changed = tiny(cfg.out, cfg.sites.data_root)
     changed.budget.steps = 3
     with pytest.raises(ValueError, match=r"started with other settings \(differs in: \['budget'\]\)"):
         run_study(changed)
-
-
-@pytest.mark.ray
-def test_cells_run_as_ray_tasks(study, tmp_path):
-    import ray
-
-    cfg, res = study
-    again = tiny(tmp_path / "s", cfg.sites.data_root, runner="ray", cpus_per_cell=1)  # the corpus is reused
-    again.ray.num_cpus = 2
-    try:
-        res2 = run_study(again)
-    finally:
-        ray.shutdown()
-    assert res2["pretraining"]["mixed"]["steps"] == res["pretraining"]["mixed"]["steps"]
-    assert sorted(res2["table"]) == sorted(res["table"])
 
 
 def test_the_rows_of_a_study_with_ablations_and_registered_methods():
@@ -105,6 +96,77 @@ def test_the_rows_of_a_study_with_ablations_and_registered_methods():
     assert "umif" in plain and not any(n.startswith("umif_") for n in plain)
     with pytest.raises(ValueError, match="not groups of ablation_rows"):
         build_rows(compose("study", ["ablations=[nope]"]))
+    # the groups the claims table reads: Ark and its control at one batch-independent encoder, UniChest's
+    # divide from copied experts
+    rows = {r.name: r for r in build_rows(compose("study", ["ablations=[batch_independent,expert_init]"]))}
+    assert {rows[n].backbone for n in ("random_ln", "ark_ln", "mixed_ln")} == {"convnext"}
+    assert rows["ark_ln"].method == "ark" and rows["random_ln"].method is None
+    assert rows["unichest_copy"].overrides == ("unichest.expert_init=copy",)
+    assert (rows["ark_ln"].control, rows["unichest_copy"].control, rows["ark"].control) == ("random_ln", "unichest",
+                                                                                            "random_gn")
+    with pytest.raises(ValueError, match=r"control that is not a row of this study: \['a -> nope'\]"):
+        build_rows(compose("study", ["rows=[{name: a, method: ark, control: nope}]", "include_registered=false"]))
+
+
+def test_a_row_is_contrasted_with_its_own_control():
+    """Beside random and mixed, a row that names a control (Ark and its untrained encoder) gets a paired
+    difference against it; the better row's difference is positive, with an interval."""
+    import numpy as np
+
+    from raycxr.study.analysis import contrasts
+
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 2, (200, 2)).astype(np.float32)
+    m = np.ones_like(t)
+    good = {s: {"chexpert": (t * 0.6 + rng.random(t.shape) * 0.4, t, m)} for s in range(2)}
+    poor = {s: {"chexpert": (rng.random(t.shape), t, m)} for s in range(2)}
+    preds = {("ft", "ark_ln", 1.0): good, ("ft", "random_ln", 1.0): poor, ("ft", "random", 1.0): good}
+    cfg = compose("study", ["analysis.bootstrap=50"])
+    sets = {"chexpert": {"diseases": [0, 1]}}
+    out = contrasts(cfg, preds, sets, "chexpert", [], {"ark_ln": "random_ln"})
+    against = {(c["row"], c["against"]): c for c in out}
+    assert set(against) == {("ark_ln", "random"), ("ark_ln", "random_ln"), ("random_ln", "random")}
+    c = against[("ark_ln", "random_ln")]["id"]
+    assert c["estimable"] and c["estimate"] > 0.2 and c["ci"][0] > 0
+    without = {(c["row"], c["against"]) for c in contrasts(cfg, preds, sets, "chexpert", [])}
+    assert without == set(against) - {("ark_ln", "random_ln")}  # no control named, no such contrast
+
+
+def test_two_rows_with_the_same_predictions_are_not_estimable_rather_than_equal():
+    """Two rows that ship the same encoder (Ark and Ark without one source, both at their first unit) give
+    identical predictions: the claim says so instead of a zero difference with a zero-width interval."""
+    import numpy as np
+
+    from raycxr.study.analysis import _fmt, _verdict, contrast
+
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 2, (200, 2)).astype(np.float32)
+    m = np.ones_like(t)
+    a = {s: {"chexpert": (rng.random(t.shape), t, m)} for s in range(2)}
+    same = {s: {"chexpert": (a[s]["chexpert"][0].copy(), t, m)} for s in range(2)}
+    other = {s: {"chexpert": (rng.random(t.shape), t, m)} for s in range(2)}
+    preds = {("ft", "ark", 1.0): a, ("ft", "ark_minus_one", 1.0): same, ("ft", "x", 1.0): other}
+    cfg = compose("study", ["analysis.bootstrap=50"])
+    sets = {"chexpert": {"diseases": [0, 1]}}
+    c = contrast(preds, [(1.0, ("ft", "ark", 1.0)), (-1.0, ("ft", "ark_minus_one", 1.0))], ["chexpert"], sets, cfg)
+    assert c["identical"] and not c["estimable"]
+    assert _verdict(c).startswith("not estimable") and "same encoder" in _fmt(c)
+    d = contrast(preds, [(1.0, ("ft", "ark", 1.0)), (-1.0, ("ft", "x", 1.0))], ["chexpert"], sets, cfg)
+    assert d["estimable"] and not d.get("identical") and d["ci"][0] < d["ci"][1]
+
+
+def test_the_gpu_preset_is_the_same_protocol_at_224_px_on_a_shared_gpu():
+    from raycxr.config import compose_preset
+    from raycxr.study.cells import cell_device
+
+    cpu, gpu = compose("study"), compose_preset("study", ["preset=study_gpu", "budget.steps=300"])
+    assert "image_size=224" in gpu.pretrain and gpu.corpus.preset == "study_gpu"
+    assert gpu.gpus_per_cell > 0 and gpu.runner == "ray"  # Ray hides the GPU from a cell that asks for none
+    assert gpu.budget.steps == 300  # the command line wins over the preset
+    assert [r["name"] for r in gpu.rows] == [r["name"] for r in cpu.rows]
+    assert cpu.downstream.seeds == gpu.downstream.seeds and cpu.downstream.fractions == gpu.downstream.fractions
+    assert cell_device({"device": "auto"}).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cell_device({"device": "cpu"}).type == "cpu"
 
 
 @pytest.mark.parametrize("sizes", [[700, 700, 700, 700], [700], [700, 700, 700], [100, 700, 2000]])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raycxr.train.supervised import fit_supervised
+from raycxr.engine.supervised import fit_supervised
 
 
 def test_cosine_schedule_decays_every_group_to_zero_over_the_run():
@@ -31,6 +31,43 @@ def test_cosine_schedule_decays_every_group_to_zero_over_the_run():
     assert opt2.param_groups[0]["lr"] == 0.3
     with pytest.raises(ValueError, match="constant or cosine"):
         fit_supervised(model, batches, loss, opt2, schedule="step", progress=False)
+
+
+def test_warm_up_then_cosine_by_hand():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    seen = []
+
+    def loss(m, b):
+        seen.append(opt.param_groups[0]["lr"])
+        return m(b["x"]).pow(2).mean()
+
+    fit_supervised(model, [{"x": torch.ones(3, 2)}] * 10, loss, opt, epochs=1, progress=False, schedule="cosine",
+                   warmup=0.2)
+    # 2 warm-up steps (1/2, 2/2), then the cosine over the other 8 from the full rate
+    want = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert seen == pytest.approx(want)
+
+
+def test_layer_decay_gives_each_vit_depth_its_own_rate():
+    from raycxr.eval.transfer import encoder_groups
+    from raycxr.models.encoders import ImageEncoder
+
+    vit = ImageEncoder("vit_tiny_patch16_224", embed_dim=16, img_size=64, patch_size=8)
+    plain = encoder_groups(vit, 1e-3)
+    assert len(plain) == 1 and plain[0]["lr"] == 1e-3
+    groups = encoder_groups(vit, 1e-3, layer_decay=0.75)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in vit.parameters())  # every parameter, once
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    b = vit.backbone
+    # the patch embedding at depth 0, block i at depth i + 1, the last of the 12 blocks at the full rate
+    assert rate[id(b.patch_embed.proj.weight)] == pytest.approx(1e-3 * 0.75 ** 12)
+    assert rate[id(b.blocks[0].mlp.fc1.weight)] == pytest.approx(1e-3 * 0.75 ** 11)
+    assert rate[id(b.blocks[-1].mlp.fc1.weight)] == pytest.approx(1e-3)
+    assert rate[id(vit.token_mlp[0].weight)] == 1e-3  # raycxr's token MLP above the backbone: the full rate
+    with pytest.raises(ValueError, match="names its layers"):
+        encoder_groups(torch.nn.Linear(2, 2), 1e-3, layer_decay=0.75)
 
 
 def test_prior_bias_by_hand():

@@ -122,3 +122,24 @@ def test_enriched_sampling_reaches_the_asked_share_and_keeps_rows_unique():
         assert (labels[:, canon.index(c)] == 1).mean() >= 0.1
     plain = table.label_matrix()[sample_rows(table, 300, np.random.default_rng(0))]
     assert (plain[:, canon.index("Edema")] == 1).mean() < 0.05  # the real prevalence (about 2 %) without it
+
+
+def test_synthesis_workers_end_under_a_parent_sigterm_handler(tmp_path):
+    """A process running a Ray node has a SIGTERM handler that waits for the node to drain; forked synthesis
+    workers inherited it, and the pool's SIGTERM at exit then hung the study (seen in test_cluster). A
+    parent handler that never returns stands in for it: the pool must still end."""
+    import subprocess
+    import sys
+
+    code = ("import signal, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: time.sleep(3600))\n"
+            "from raycxr.synth.generator import synthesize\n"
+            f"synthesize({str(tmp_path / 'c')!r}, ['nih'], n_per_site=8, render_size=64, workers=2, "
+            "preview=False, progress=False)\n"
+            "print('done')\n")
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the synthesis pool hung: a worker ran the parent's SIGTERM handler")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("done")

@@ -3,38 +3,19 @@
 import json
 import math
 import shutil
-import time
-from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 import pytest
 import yaml
 
 ray = pytest.importorskip("ray")
 
+from conftest import TUNE_TINY  # noqa: E402
+
 from raycxr.config import compose  # noqa: E402
-from raycxr.manifest import Manifest  # noqa: E402
 from raycxr.tune import best_row, grace_period, sweep_grid, write_report  # noqa: E402
 
-TINY = ["image_size=32", "batch_size=4", "encoder.embed_dim=16", "max_steps_per_epoch=1", "probe_size=0",
-        "unichest.query={n_layers: 1, n_heads: 2, ffn: 32, dropout: 0.0, lambda_local: 1.0, lambda_global: 0.4}",
-        "unichest.scl_dim=8", "text.max_length=16", "unichest.conquer_epochs=1", "unichest.divide_epochs=1"]
-
-
-@pytest.fixture(scope="module")
-def val_sites(small_corpus, tmp_path_factory):
-    """Two sites of the small corpus with half their images moved to the val split, so that the
-    val AUC has positives and negatives to score."""
-    d = tmp_path_factory.mktemp("tune_sites")
-    for n in ("nih", "siim"):
-        m = Manifest.read(small_corpus / n / "manifest.parquet")
-        split = pa.array(["val" if i % 2 else "train" for i in range(len(m))])
-        table = m.table.set_column(m.table.schema.get_field_index("split"), "split", split)
-        Manifest(table, m.label_names, m.site_meta).write(d / f"{n}_manifest.parquet")
-        (d / f"{n}.yaml").write_text(yaml.safe_dump({"name": n, "adapter": "manifest", "root": str(small_corpus / n),
-                                                     "manifest": str(d / f"{n}_manifest.parquet")}))
-    return [f"sites.sites_dir={d}", f"sites.data_root={small_corpus}"]
+TINY = TUNE_TINY
 
 
 def test_grid_defaults_and_checks():
@@ -42,8 +23,9 @@ def test_grid_defaults_and_checks():
     assert sweep_grid(cfg) == {"lam": [0.3, 0.5, 0.7], "K": [3, 4, 5], "lr": [5e-5, 1e-4]}
     assert cfg.method == "unichest" and cfg.image_size == 128  # every pretraining knob is there
     assert grace_period(cfg) == 3  # the first divide epoch: conquer epochs do not depend on λ or K
-    with pytest.raises(ValueError, match="K must be >= 2"):
-        sweep_grid(compose("tune", ["tune.n_experts=[1,2]"]))
+    # K's lowest value is written once (schema.UniChestSection), for the run and for every value of the grid
+    with pytest.raises(ValueError, match=r"tune.n_experts: must be >= 2, got 1"):
+        compose("tune", ["tune.n_experts=[2,1]"])
 
 
 def test_report_names_the_best_cell(tmp_path):
@@ -52,7 +34,7 @@ def test_report_names_the_best_cell(tmp_path):
             for i, (lam, k, lr, auc) in enumerate([(0.3, 3, 1e-4, 0.61), (0.3, 3, 5e-5, 0.70), (0.7, 3, 1e-4, 0.66),
                                                    (0.7, 4, 1e-4, math.nan)])]
     grid = {"lam": [0.3, 0.7], "K": [3, 4], "lr": [5e-5, 1e-4]}
-    out = write_report(rows, tmp_path, grid)
+    out = write_report(rows, tmp_path, grid, "unichest")
     assert best_row(rows)["trial"] == "t1"
     best = yaml.safe_load(open(out["best_config"]))
     assert best["overrides"] == ["unichest.lam=0.3", "unichest.n_experts=3", "unichest.lr=5e-05"]
@@ -123,29 +105,6 @@ def test_two_trial_sweep_reports_and_restores(cluster, val_sites, tmp_path):
             run_tune(compose("tune", [o if not o.startswith("tune.lam=") else "tune.lam=[0.5]" for o in over]))
     finally:
         shutil.rmtree(tmp_path / "t", ignore_errors=True)  # ~0.9 GB of checkpoints (the text encoder is in each)
-
-
-@pytest.mark.ray
-def test_trial_as_a_train_run(cluster, val_sites, tmp_path):
-    """tune.trial_runner=ray: the trial fits a TorchTrainer fed by its own site actors and reports to Tune."""
-    from raycxr.tune import run_tune
-
-    try:
-        res = run_tune(compose("tune", [*TINY, *val_sites, "tune.lam=[0.5]", "tune.n_experts=[2]", "tune.lr=[1e-4]",
-                                        f"tune.storage_path={tmp_path}", "tune.name=tr", "tune.trial_runner=ray"]))
-        (row,) = res["rows"]
-        assert row["epochs_run"] == 2 and math.isfinite(row["best_val_auc"]) and row["error"] == ""
-        ck = Path(row["last_checkpoint"])  # the Train run's checkpoint, under the sweep's folder
-        assert tmp_path / "tr" / "train" in ck.parents and (ck / "checkpoint.pt").is_file()
-        log = [json.loads(line) for line in open(tmp_path / "tr" / "runs" / row["trial"] / "metrics.jsonl")]
-        assert [r["stage"] for r in log if r["position"] >= 0] == ["conquer", "divide"]
-        # the Train run freed its workers: a trial Tune stops mid-fit would keep them reserved (no State API here)
-        t0 = time.monotonic()
-        while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() - t0 < 20:
-            time.sleep(0.5)
-        assert ray.available_resources().get("CPU", 0) == 2
-    finally:
-        shutil.rmtree(tmp_path / "tr", ignore_errors=True)  # ~0.8 GB of Train checkpoints
 
 
 @pytest.mark.ray

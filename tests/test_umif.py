@@ -407,7 +407,7 @@ def test_umif_trains_through_the_ray_runner_with_masks_rendered_in_the_site_acto
     import ray
 
     from raycxr.methods import load_pretrained
-    from raycxr.train.ray_runner import run_pretrain_ray
+    from raycxr.ray.runner import run_pretrain_ray
 
     _, _, sites = umif_run
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)

@@ -7,12 +7,14 @@ Each input goes through, in order:
    ``force``, it is not scored (``probabilities`` is ``None``).
 2. **pixels**: ``resize(read_image(path), S)[None]``, exactly what training and evaluation did
    (the same functions). An :class:`~raycxr_runtime.readers.ImageReadError` gives status
-   ``error`` with the reason.
+   ``error`` with the reason; a readable but degenerate image (constant, an invalid window: the
+   readers' ``notes``) is ``flagged`` and, unless ``force``, not scored.
 3. **model**: images are scored in batches; ``findings`` are the classes whose probability is
    at least the class's threshold (stored in the model file).
 
 A result is ``{"input", "status", "warnings", "probabilities", "findings", "model_version"}``
-where ``input`` is the path or the name the caller gave, as given. No header value other than
+where ``input`` is the path or the name the caller gave, as given (plus ``sr_error``, why no
+Structured Report was made, when one was asked for and failed). No header value other than
 Modality, Body Part, View Position and SOP class (codes) ever reaches a result or a log line.
 """
 
@@ -23,6 +25,8 @@ import json
 import logging
 import math
 import os
+import re
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,7 +35,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .isolate import IsolatedPool, Outcome
+from .isolate import IsolatedPool, Outcome, worker_memory_limit
 from .model import Model
 from .readers import (
     DICOM_SUFFIXES,
@@ -39,14 +43,15 @@ from .readers import (
     ImageReadError,
     PixelBudget,
     _has_dicm_marker,
+    link_problem,
     read_dicom_header,
     read_image,
     resize,
 )
 from .safety import check_header
 
-__all__ = ["Prediction", "Predictor", "ResultWriter", "collect_inputs", "dumps", "json_safe", "prepare",
-           "quiet_pydicom", "write_csv", "write_json"]
+__all__ = ["InputScan", "Prediction", "Predictor", "ResultWriter", "collect_inputs", "csv_cell", "display_name",
+           "dumps", "json_safe", "log_name", "prepare", "quiet_pydicom", "scan_inputs", "write_csv", "write_json"]
 
 logger = logging.getLogger("raycxr_runtime")
 
@@ -64,9 +69,13 @@ class Prediction:
     probabilities: dict[str, float] | None = None
     findings: list[str] = field(default_factory=list)
     model_version: str = ""
+    sr_error: str | None = None  # why no Structured Report was made (only when one was asked for)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["sr_error"] is None:
+            del d["sr_error"]
+        return d
 
 
 def prepare(path: str | os.PathLike[str], label: str, input_size: int, frontal_only: bool, force: bool,
@@ -77,7 +86,7 @@ def prepare(path: str | os.PathLike[str], label: str, input_size: int, frontal_o
     p = Path(path)
     result = Prediction(input=label, status=SCORED, model_version=model_version)
     flags: list[str] = []
-    header = _header(p)
+    header = _header(p, budget)
     if isinstance(header, ImageReadError):
         result.status, result.warnings = ERROR, [header.reason]
         return result, None
@@ -91,12 +100,20 @@ def prepare(path: str | os.PathLike[str], label: str, input_size: int, frontal_o
         if not force:
             return result, None
         result.warnings.append("scored anyway (force): the probabilities are outside the model's scope")
+    degenerate: list[str] = []
     try:
-        image = resize(read_image(p, budget=budget), input_size)[None]
+        image = resize(read_image(p, budget=budget, notes=degenerate), input_size)[None]
     except ImageReadError as exc:
         result.status = ERROR
         result.warnings = [w for w in result.warnings if w != NOT_DICOM_NOTE] + [exc.reason]
         return result, None
+    if degenerate:  # readable, but not the image the model was trained on: out of scope
+        result.warnings = [w for w in result.warnings if not w.startswith("scored anyway")] + degenerate
+        if result.status != FLAGGED:
+            result.status = FLAGGED
+            if not force:
+                return result, None
+        result.warnings.append("scored anyway (force): the probabilities are outside the model's scope")
     return result, image
 
 
@@ -114,7 +131,9 @@ class Predictor:
             (:class:`~raycxr_runtime.isolate.IsolatedPool`), so a decoder that crashes or hangs
             fails only its file. The pool also bounds how many decodes run at once.
         timeout: seconds one image may take to read (workers > 0 only).
-        memory_limit: address-space limit of each worker in bytes (workers > 0 only).
+        memory_limit: address-space limit of each worker in bytes (workers > 0 only; default
+            :func:`~raycxr_runtime.isolate.worker_memory_limit` of the budget, 0: no limit). A worker
+            over it fails its file ("not enough memory" or "worker process died"), not the run.
     """
 
     def __init__(self, model: Model, *, batch_size: int = 16, force: bool = False, budget: PixelBudget | None = None,
@@ -130,8 +149,8 @@ class Predictor:
         self.budget = budget
         self.pool: IsolatedPool | None = None
         if workers > 0:
-            self.pool = IsolatedPool(f"{__name__}:prepare", workers=workers, timeout=timeout,
-                                     memory_limit=memory_limit)
+            limit = worker_memory_limit(budget) if memory_limit is None else (memory_limit or None)
+            self.pool = IsolatedPool(f"{__name__}:prepare", workers=workers, timeout=timeout, memory_limit=limit)
 
     def close(self) -> None:
         """Stop the worker processes, if any."""
@@ -184,9 +203,10 @@ class Predictor:
                 for k, p in zip(scored, probs):
                     self._fill(results[k], p)
             for r in results:
-                logger.info("%s: %s%s", r.input, r.status, f" ({len(r.warnings)} warning(s))" if r.warnings else "")
+                logger.info("%s: %s%s", log_name(r.input), r.status,
+                            f" ({len(r.warnings)} warning(s))" if r.warnings else "")
                 for w in r.warnings:
-                    logger.debug("%s: %s", r.input, w)
+                    logger.debug("%s: %s", log_name(r.input), log_name(w))
             if progress is not None:
                 progress(len(results))
             yield from results
@@ -219,13 +239,13 @@ class Predictor:
         result.findings = [c for c, v, t in zip(names, values, thr) if float(v) >= float(t)]
 
 
-def _header(p: Path) -> Any:
+def _header(p: Path, budget: PixelBudget | None = None) -> Any:
     """The DICOM header, ``None`` for a raster image, or the :class:`ImageReadError` of a broken DICOM."""
     suffix = p.suffix.lower()
     if suffix in RASTER_SUFFIXES:
         return None
     try:
-        return read_dicom_header(p)
+        return read_dicom_header(p, budget=budget)
     except ImageReadError as exc:
         if suffix in DICOM_SUFFIXES or not p.is_file():
             return exc
@@ -243,27 +263,144 @@ def quiet_pydicom() -> None:
 # ----------------------------------------------------------------------------------- inputs and outputs
 
 
-def collect_inputs(items: Iterable[str | os.PathLike[str]]) -> tuple[list[str], int]:
-    """Files as given, and the supported images under folders (recursive, sorted).
+def display_name(text: str) -> str:
+    """``text`` as any UTF-8 output can hold it: a file name that is not valid UTF-8 reaches Python
+    with its bytes kept as surrogate escapes (PEP 383), which a UTF-8 file refuses; those bytes are
+    shown as ``\\xNN``. Valid names are returned unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def log_name(text: str) -> str:
+    """``text`` on one line for a log: :func:`display_name`, then control characters (a newline in a
+    file name would forge a second log line) written as escapes (``\\n``, ``\\x1b``...)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], display_name(text))
+
+
+# a spreadsheet runs a cell starting with one of these as a formula (OWASP, "CSV Injection")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a string starting with ``= + - @``, tab or
+    carriage return gets a leading ``'`` (OWASP's CSV injection guidance); numbers are kept."""
+    if isinstance(value, str):
+        value = display_name(value)
+        if value.startswith(_FORMULA_START):
+            return "'" + value
+    return value
+
+
+@dataclass
+class InputScan:
+    """What :func:`scan_inputs` found: every entry of the given folders is in one of the three.
+
+    Attributes:
+        entries: ``(path, None)`` for a file to score, ``(path, reason)`` for an entry that cannot
+            be (a dangling symbolic link, a link loop, a link to a folder, a folder that cannot be
+            listed...), in input order (folders sorted, depth first).
+        skipped: files in folders that are not images (by suffix, and no DICOM marker).
+    """
+
+    entries: list[tuple[str, str | None]] = field(default_factory=list)
+    skipped: int = 0
+
+    @property
+    def files(self) -> list[str]:
+        return [p for p, reason in self.entries if reason is None]
+
+
+def scan_inputs(items: Iterable[str | os.PathLike[str]]) -> InputScan:
+    """Files as given, and the supported images under folders (recursive, sorted); nothing found is
+    dropped silently.
 
     Inside folders, files with a DICOM / PNG / JPEG / TIFF suffix are taken, and files with no
-    known suffix when they carry the DICOM ``DICM`` marker (PACS exports name files by UID).
-    Returns ``(files, skipped)``: ``skipped`` counts the other files found in folders. A path that
-    does not exist is kept, so its result says "file not found".
+    known suffix when they carry the DICOM ``DICM`` marker (PACS exports name files by UID). Links
+    to files are followed; links to folders inside a folder are not (one to ``/`` would walk the
+    whole disk, one to a parent loops): each is reported with its reason, and a folder given as an
+    input is searched even when it is a link. A path given that does not exist is kept, so its
+    result says "file not found". Names that are
+    not valid UTF-8 are kept as Python gives them (surrogate escapes), so they still open; show
+    them with :func:`display_name`.
     """
-    files: list[str] = []
-    skipped = 0
+    scan = InputScan()
     for item in items:
-        p = Path(item)
-        if not p.is_dir():
-            files.append(str(item))
+        path = os.fspath(item)
+        reason = link_problem(path)
+        if reason is None and os.path.isdir(path):
+            try:
+                st = os.stat(path)
+                _walk(path, scan, {(st.st_dev, st.st_ino)})
+            except OSError as exc:
+                scan.entries.append((path, f"cannot list the folder: {exc.strerror or exc}"))
+        else:
+            scan.entries.append((path, reason))
+    return scan
+
+
+def collect_inputs(items: Iterable[str | os.PathLike[str]]) -> tuple[list[str], int]:
+    """``(files, skipped)`` of :func:`scan_inputs` (its unusable entries are left out: use it to report them)."""
+    scan = scan_inputs(items)
+    return scan.files, scan.skipped
+
+
+def _walk(folder: str, scan: InputScan, ancestors: set[tuple[int, int]]) -> None:
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        path = str(Path(folder) / e.name)  # as pathlib writes it ("x.dcm" in ".", not "./x.dcm")
+        reason = link_problem(path)
+        if reason is not None:
+            scan.entries.append((path, reason))
             continue
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            if f.suffix.lower() in DICOM_SUFFIXES + RASTER_SUFFIXES or _has_dicm_marker(f):
-                files.append(str(f))
+        try:
+            st = e.stat()  # follows links
+        except OSError as exc:
+            scan.entries.append((path, f"cannot read: {exc.strerror or exc}"))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:
+                scan.entries.append((path, "symbolic link loop: the link leads to a folder that contains it"))
+            elif e.is_symlink():
+                scan.entries.append((path, "symbolic link to a folder: not followed (give that folder as an "
+                                           "input to search it)"))
             else:
-                skipped += 1
-    return files, skipped
+                try:
+                    _walk(path, scan, ancestors | {key})
+                except OSError as exc:
+                    scan.entries.append((path, f"cannot list the folder: {exc.strerror or exc}"))
+        elif not stat.S_ISREG(st.st_mode):
+            # a named pipe would block the reader for ever; a socket or device is not an image
+            if Path(e.name).suffix.lower() in DICOM_SUFFIXES + RASTER_SUFFIXES:
+                scan.entries.append((path, "not a regular file (a pipe, socket or device)"))
+            else:
+                scan.skipped += 1
+        elif Path(e.name).suffix.lower() in DICOM_SUFFIXES + RASTER_SUFFIXES or _has_dicm_marker(Path(path)):
+            scan.entries.append((path, None))
+        else:
+            scan.skipped += 1
+
+
+def _utf8(value: Any) -> Any:
+    """Every string in ``value`` through :func:`display_name` (a non-UTF-8 file name must not stop the output)."""
+    if isinstance(value, str):
+        return display_name(value)
+    if isinstance(value, dict):
+        return {k: _utf8(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_utf8(v) for v in value]
+    return value
 
 
 def summary(results: Sequence[Prediction]) -> dict[str, int]:
@@ -278,7 +415,8 @@ def model_card(model: Model) -> dict[str, Any]:
     """The model essentials every report starts with."""
     return {"file": model.path.name, "model_version": model.model_version, "class_names": model.class_names,
             "thresholds": dict(zip(model.class_names, model.thresholds.tolist())),
-            "frontal_only": model.frontal_only, "backend": model.backend}
+            "frontal_only": model.frontal_only, "backend": model.backend,
+            "verified": model.verified, "signature": dict(model.signature)}
 
 
 def report(results: Sequence[Prediction], model: Model) -> dict[str, Any]:
@@ -371,12 +509,14 @@ class ResultWriter:
         self.counts[r.status] = self.counts.get(r.status, 0) + 1
         if self.kind == "csv":
             probs = r.probabilities or {}
-            self._csv.writerow([r.input, r.status, r.model_version, "; ".join(r.findings), "; ".join(r.warnings),
-                                *(probs.get(c, "") for c in self.model.class_names)])
+            self._csv.writerow([csv_cell(v) for v in (
+                r.input, r.status, r.model_version, "; ".join(r.findings),
+                "; ".join(r.warnings + ([f"no structured report: {r.sr_error}"] if r.sr_error else [])),
+                *(probs.get(c, "") for c in self.model.class_names))])
         elif self.kind == "jsonl":
-            self.stream.write(dumps(r.to_dict()) + "\n")
+            self.stream.write(dumps(_utf8(r.to_dict())) + "\n")
         else:
-            self.stream.write(("\n    " if self._first else ",\n    ") + dumps(r.to_dict()))
+            self.stream.write(("\n    " if self._first else ",\n    ") + dumps(_utf8(r.to_dict())))
             self._first = False
         self.stream.flush()
 
@@ -388,7 +528,7 @@ class ResultWriter:
         try:
             tail: dict[str, Any] = {"summary": self.counts, "complete": error is None}
             if error is not None:
-                tail["error"] = error
+                tail["error"] = display_name(error)
             if self.kind == "json":
                 body = ",\n  ".join(f"{dumps(k)}: {dumps(v)}" for k, v in tail.items())
                 self.stream.write(("\n  ]" if not self._first else "]") + ",\n  " + body + "\n}\n")

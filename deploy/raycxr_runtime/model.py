@@ -7,8 +7,13 @@ frontal-only, model version. :class:`Model` reads it, so a hospital needs nothin
 Integrity: the file also carries ``raycxr.weights_sha256`` (the graph: nodes, initializers,
 inputs and outputs, opsets) and ``raycxr.metadata_sha256`` (the other ``raycxr.*`` keys).
 :class:`Model` recomputes both from the bytes it loads and refuses a file that does not match
-(a corrupted copy, or weights changed under the same ``model_version``). A classifier is also run
-once on a blank image at load: its output must have one column per class.
+(a corrupted copy, or weights changed under the same ``model_version``). Those digests are unkeyed:
+with ``trusted_keys`` (``--trusted-key``) the detached Ed25519 signature ``<model>.sig`` is checked
+too, and ``require_signature`` refuses a file without a valid one (see :mod:`.signing`).
+
+Sanity at load: thresholds must be finite and within [0, 1], and the model is run once on a probe
+image (a smooth ramp): a classifier must give one column per class, every output must be finite and
+a classifier's probabilities within [0, 1].
 
 Backends: ``onnxruntime`` (default) or ``openvino`` (optional package, ``pip install
 raycxr-runtime[openvino]``); both run the same file and give the same probabilities within 1e-4.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,7 @@ import numpy as np
 
 from . import contract
 from .contract import META_PREFIX, REQUIRED_METADATA
+from .signing import SignatureError, TrustedKey, signature_path, verify_signature
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "META_PREFIX", "Model", "ModelError"]
 
@@ -92,10 +99,14 @@ class Model:
         threads: intra-op threads (default: the backend's choice, all cores).
         backend: ``onnxruntime`` or ``openvino``.
         verify: check the embedded digests (``False`` only for files exported before they existed).
+        trusted_keys: public keys (:func:`raycxr_runtime.signing.load_trusted_keys`) that check the
+            file's detached signature ``<model>.sig`` when there is one.
+        require_signature: refuse a file without a signature that verifies with one of ``trusted_keys``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None, backend: str = DEFAULT_BACKEND,
-                 verify: bool = True) -> None:
+                 verify: bool = True, trusted_keys: Sequence[TrustedKey] = (),
+                 require_signature: bool = False) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(self.path, "model file not found" if not self.path.exists() else "not a regular file")
@@ -114,6 +125,7 @@ class Model:
         self.verified = False
         if verify and not missing:
             self._verify(data, raw, meta)
+        self.signature = self._check_signature(data, trusted_keys, require_signature)
         del data
         self.backend_name = backend
         try:
@@ -139,6 +151,12 @@ class Model:
                                if "thresholds" in meta else None)
         except (ValueError, TypeError) as exc:
             raise ModelError(self.path, f"malformed raycxr metadata: {exc}") from None
+        if self.thresholds is not None and not (np.all(np.isfinite(self.thresholds))
+                                                and np.all((self.thresholds >= 0) & (self.thresholds <= 1))):
+            bad = [f"{c}={t}" for c, t in zip(self.class_names, self.thresholds.tolist())
+                   if not (np.isfinite(t) and 0 <= t <= 1)] if self.thresholds.ndim == 1 else []
+            raise ModelError(self.path, "raycxr.thresholds must be finite and within [0, 1]"
+                                        + (f": {', '.join(bad[:5])}" if bad else ""))
         self.model_version = str(meta["model_version"])
         self.frontal_only = str(meta.get("frontal_only", "true")).lower() == "true"
         inputs = self._backend.inputs
@@ -152,11 +170,43 @@ class Model:
         outputs = self._backend.outputs
         if self.output_name not in outputs:
             raise ModelError(self.path, f"no '{self.output_name}' output (outputs: {outputs[:5]})")
-        if self.kind == "classifier":
-            if self.thresholds is None or self.thresholds.shape != (len(self.class_names),):
-                raise ModelError(self.path, "raycxr.thresholds must hold one threshold per class")
-            # the output width is often symbolic in the graph: run it once to know it
-            self.predict(np.zeros((1, 1, self.input_size, self.input_size), np.float32))
+        if self.kind == "classifier" and (self.thresholds is None
+                                          or self.thresholds.shape != (len(self.class_names),)):
+            raise ModelError(self.path, "raycxr.thresholds must hold one threshold per class")
+        self._probe()
+
+    def _probe(self) -> None:
+        """Run the model once on a ramp image: the output width is often symbolic in the graph, and a
+        model with NaN weights (or a graph edited to output garbage) must fail here, not per image."""
+        s = self.input_size
+        ramp = np.linspace(0.0, 1.0, s * s, dtype=np.float32).reshape(1, 1, s, s)
+        out = np.asarray(self.predict(ramp))
+        if not np.all(np.isfinite(out)):
+            raise ModelError(self.path, f"output '{self.output_name}' is not finite (NaN or inf) on a probe image; "
+                                        "the weights are broken, refusing to load it")
+        if self.kind == "classifier" and not np.all((out >= -1e-6) & (out <= 1 + 1e-6)):
+            raise ModelError(self.path, f"output '{self.output_name}' holds values outside [0, 1] on a probe image "
+                                        f"({float(out.min()):.3g} to {float(out.max()):.3g}): not probabilities")
+
+    def _check_signature(self, data: bytes, keys: Sequence[TrustedKey], required: bool) -> dict[str, str]:
+        """``{"status": "verified", "key_id": ...}``, ``{"status": "unsigned"}`` or ``{"status": "not checked"}``
+        (signed, but no trusted key was given); a bad or missing (when ``required``) signature raises."""
+        if required and not keys:
+            raise ModelError(self.path, "--require-signature needs the publisher's public key (--trusted-key PUB.pem)")
+        if not keys:
+            return {"status": "not checked" if signature_path(self.path).is_file() else "unsigned"}
+        try:
+            signed = verify_signature(self.path, data, keys)
+        except SignatureError as exc:
+            raise ModelError(self.path, f"signature check failed: {exc}; refusing to load it") from None
+        except ValueError as exc:
+            raise ModelError(self.path, f"not a loadable ONNX model ({exc})") from None
+        if signed is None:
+            if required:
+                raise ModelError(self.path, f"unsigned (no {signature_path(self.path).name}) and a signature is "
+                                            "required; refusing to load it")
+            return {"status": "unsigned"}
+        return {"status": "verified", "key_id": signed["key_id"]}
 
     def _verify(self, data: bytes, raw: dict[str, str], meta: dict[str, str]) -> None:
         stored_graph, stored_meta = meta.get(contract.WEIGHTS_DIGEST), meta.get(contract.METADATA_DIGEST)
@@ -207,6 +257,7 @@ class Model:
         out["frontal_only"] = self.frontal_only
         out["backend"] = self.backend_name
         out["verified"] = self.verified
+        out["signature"] = dict(self.signature)
         if self.thresholds is not None:
             out["thresholds"] = dict(zip(self.class_names, self.thresholds.tolist()))
         return out

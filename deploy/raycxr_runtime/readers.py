@@ -44,6 +44,23 @@ decoded; environment variables ``RAYCXR_MAX_PIXELS`` and ``RAYCXR_MAX_DECODED_BY
 :func:`set_pixel_budget`, or ``budget=`` per call). Over it, the file is refused with an
 :class:`ImageReadError` saying so: training quarantines it, the runtime reports ``error``.
 
+The header can lie too: a decoder allocates what its *codestream* declares. So the frame header of
+a JPEG (SOFn) / JPEG-LS (SOF55) / JPEG 2000 (SIZ, also inside a JP2 ``jp2c`` box) codestream is read
+from the first fragment (:func:`codestream_size`) and the file refused when that size is over the
+budget or is not *Rows* x *Columns*. A Deflated Explicit VR Little Endian data set is inflated by
+streaming, 1 MiB at a time, and refused past :func:`inflate_limit` (the decoded budget plus 64 MiB)
+before pydicom, which inflates it whole, parses it.
+
+Degenerate images
+-----------------
+Some files decode but give nothing a model should score. Refused (:class:`ImageReadError`): a
+*Rescale Slope* of 0 (a blank image), a *Rescale Slope* / *Intercept* that is not a finite number,
+non-finite or out-of-range values (above 2^53) after the modality LUT. Readable but reported as a
+*note* (the ``notes`` list of :func:`read_image`; logged as a warning when no list is given; the
+runtime flags the image and does not score it): a constant image, a window whose *Window Width* is
+below 1 or whose values are not numbers (the window is ignored, the image min-max scaled), a VOI that
+cannot be applied. Reasons name the attribute and the rule, never the attribute's value.
+
 Errors
 ------
 Every failure that is a property of the *file* (missing, not DICOM, truncated, corrupt stream,
@@ -54,8 +71,13 @@ loader can quarantine the image (see :mod:`raycxr.quarantine`) and go on.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
+import re
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,17 +87,21 @@ import pydicom
 import pydicom.uid
 from PIL import Image, ImageOps
 from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 
 __all__ = [
     "DICOM_SUFFIXES",
+    "CONSTANT_IMAGE",
     "MIN_SIZE",
     "RASTER_SUFFIXES",
     "SUPPORTED_SUFFIXES",
     "ImageReadError",
     "PixelBudget",
     "check_pixel_budget",
+    "codestream_size",
+    "inflate_limit",
     "decoding_plugins",
     "get_pixel_budget",
     "read_dicom",
@@ -92,6 +118,7 @@ DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom", ".dic")
 RASTER_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SUPPORTED_SUFFIXES: tuple[str, ...] = DICOM_SUFFIXES + RASTER_SUFFIXES
 MIN_SIZE = 8  # images smaller than MIN_SIZE x MIN_SIZE are rejected as "too small"
+CONSTANT_IMAGE = "constant image"  # how a degenerate-image note about a constant image starts
 
 # ITU-R BT.601 luma, the weights Pillow's convert("L") uses, so DICOM and raster colour agree.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
@@ -178,30 +205,32 @@ class ImageReadError(Exception):
 # ----------------------------------------------------------------------------- dispatch
 
 
-def read_image(path: str | os.PathLike[str], *, budget: PixelBudget | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], *, budget: PixelBudget | None = None,
+               notes: list[str] | None = None) -> np.ndarray:
     """Read any supported radiograph file as float32 (H, W) in [0, 1].
 
     Dispatch: DICOM suffixes -> :func:`read_dicom`; PNG/JPEG/TIFF suffixes -> :func:`read_raster`;
     anything else (no suffix, or UID-named files such as ``1.2.840.113619.2.55`` whose "suffix"
     is ``.55``) is sniffed: the ``DICM`` marker at byte 128 means DICOM, otherwise it is tried
     as a raster image and finally as a DICOM data set without preamble. ``budget``: see
-    :class:`PixelBudget` (default :func:`get_pixel_budget`).
+    :class:`PixelBudget` (default :func:`get_pixel_budget`). ``notes``: a list that receives why the
+    image, although readable, is degenerate (see "Degenerate images" in the module docstring).
     """
     p = _existing_file(path)
     suffix = p.suffix.lower()
     if suffix in DICOM_SUFFIXES:
-        return read_dicom(p, budget=budget)
+        return read_dicom(p, budget=budget, notes=notes)
     if suffix in RASTER_SUFFIXES:
-        return read_raster(p, budget=budget)
+        return read_raster(p, budget=budget, notes=notes)
     if _has_dicm_marker(p):
-        return read_dicom(p, budget=budget)
+        return read_dicom(p, budget=budget, notes=notes)
     try:
-        return read_raster(p, budget=budget)
+        return read_raster(p, budget=budget, notes=notes)
     except ImageReadError as raster_err:
         if raster_err.reason.startswith("over the pixel budget"):
             raise
         try:
-            return read_dicom(p, budget=budget)
+            return read_dicom(p, budget=budget, notes=notes)
         except ImageReadError as dicom_err:
             raise ImageReadError(
                 p,
@@ -213,32 +242,50 @@ def read_image(path: str | os.PathLike[str], *, budget: PixelBudget | None = Non
 # ----------------------------------------------------------------------------- DICOM
 
 
-def read_dicom_header(path: str | os.PathLike[str]) -> pydicom.Dataset:
-    """Read the DICOM header only (``stop_before_pixels``); :class:`ImageReadError` if not DICOM."""
+def read_dicom_header(path: str | os.PathLike[str], *, budget: PixelBudget | None = None) -> pydicom.Dataset:
+    """Read the DICOM header only (``stop_before_pixels``); :class:`ImageReadError` if not DICOM.
+
+    A deflated data set is inflated (boundedly, see :func:`_check_deflate`) to reach its header, so
+    ``budget`` applies here too."""
     p = _existing_file(path)
-    return _read_dataset(p, stop_before_pixels=True)
+    return _read_dataset(p, stop_before_pixels=True, budget=budget)
 
 
 def read_dicom(path: str | os.PathLike[str], *, apply_voi: bool = True,
-               budget: PixelBudget | None = None) -> np.ndarray:
+               budget: PixelBudget | None = None, notes: list[str] | None = None) -> np.ndarray:
     """Read a single-frame DICOM radiograph through the display pipeline (see module docstring).
 
     ``apply_voi=False`` skips the VOI LUT / window and min-max scales the modality values
     instead (MONOCHROME1 is still inverted). The header is checked against ``budget`` before decoding.
+    ``notes`` receives why a readable image is degenerate (a constant image, an invalid window).
     """
     p = _existing_file(path)
-    ds = _read_dataset(p, stop_before_pixels=False)
+    ds = _read_dataset(p, stop_before_pixels=False, budget=budget)
     _check_image(p, ds, budget)
+    _check_codestream(p, ds, budget)
     arr = _decode(p, ds)
+    found: list[str] = []
     try:
-        out = _to_display(p, ds, arr, apply_voi=apply_voi)
+        out = _to_display(p, ds, arr, apply_voi=apply_voi, notes=found)
     except ImageReadError:
         raise
     except MemoryError:
         raise
     except Exception as exc:  # malformed LUT descriptors and the like: a property of the file
-        raise ImageReadError(p, f"cannot apply the display pipeline: {type(exc).__name__}: {exc}") from exc
+        raise ImageReadError(p, f"cannot apply the display pipeline: {type(exc).__name__}: {_scrub(exc)}") from exc
+    if out.size and out.min() == out.max() and not any(n.startswith(CONSTANT_IMAGE) for n in found):
+        found.append(f"{CONSTANT_IMAGE}: every pixel has the same value")
+    _report(p, found, notes)
     return _finish(p, out)
+
+
+def _report(p: Path, found: list[str], notes: list[str] | None) -> None:
+    """Hand degenerate-image notes to the caller's list, or log them when the caller did not ask."""
+    if notes is not None:
+        notes.extend(found)
+    else:
+        for note in found:
+            logger.warning("%s: %s", p, note)
 
 
 def decoding_plugins() -> dict[str, tuple[str, ...]]:
@@ -263,7 +310,8 @@ def decoding_plugins() -> dict[str, tuple[str, ...]]:
     return {ts.name: tuple(get_decoder(ts).available_plugins) for ts in syntaxes}
 
 
-def _read_dataset(p: Path, *, stop_before_pixels: bool) -> pydicom.Dataset:
+def _read_dataset(p: Path, *, stop_before_pixels: bool, budget: PixelBudget | None = None) -> pydicom.Dataset:
+    _check_deflate(p, budget)
     try:
         return pydicom.dcmread(p, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
@@ -271,16 +319,24 @@ def _read_dataset(p: Path, *, stop_before_pixels: bool) -> pydicom.Dataset:
     except MemoryError:
         raise
     except Exception as exc:
-        raise ImageReadError(p, f"corrupt or truncated DICOM file: {type(exc).__name__}: {exc}") from exc
+        raise ImageReadError(p, f"corrupt or truncated DICOM file: {type(exc).__name__}: {_scrub(exc)}") from exc
 
     # force=True parses almost anything (a text file becomes one nonsense element), so accept
     # the result only when it looks like a DICOM image or SOP instance.
+    # A raw data set starts with a low group (0000, 0002 or 0008); anything else is not parsed at all,
+    # since a nonsense element length makes pydicom allocate that many bytes.
     try:
-        ds = pydicom.dcmread(p, stop_before_pixels=stop_before_pixels, force=True)
-        plausible = "SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds)
-    except MemoryError:
-        raise
-    except Exception:
+        with p.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    plausible = len(head) == 4 and (struct.unpack("<H", head[:2])[0] in (0, 2, 8)
+                                    or struct.unpack(">H", head[:2])[0] in (0, 2, 8))
+    try:
+        if plausible:
+            ds = pydicom.dcmread(p, stop_before_pixels=stop_before_pixels, force=True)
+            plausible = "SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds)
+    except Exception:  # MemoryError included: an element length no real file has
         plausible = False
     if not plausible:
         raise ImageReadError(p, "not a DICOM file (no 'DICM' marker at byte 128, not a raw DICOM data set)")
@@ -292,7 +348,7 @@ def _check_image(p: Path, ds: pydicom.Dataset, budget: PixelBudget | None = None
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise ImageReadError(p, "float pixel data (parametric map) is not a radiograph")
-        what = f"Modality={ds.get('Modality', '?')}, SOPClassUID={_sop_class_name(ds)}"
+        what = f"Modality={_code_value(ds, 'Modality')}, SOPClassUID={_sop_class_name(ds)}"
         if "Rows" in ds:
             raise ImageReadError(p, f"image attributes but no PixelData: file truncated? ({what})")
         raise ImageReadError(p, f"no PixelData: not an image object or file truncated ({what})")
@@ -300,16 +356,11 @@ def _check_image(p: Path, ds: pydicom.Dataset, budget: PixelBudget | None = None
     if missing:
         raise ImageReadError(p, f"missing required image attribute(s): {', '.join(missing)}")
 
-    raw_frames = ds.get("NumberOfFrames", 1)
-    try:
-        frames = int(raw_frames) if raw_frames not in (None, "") else 1
-    except (TypeError, ValueError):
-        raise ImageReadError(p, f"invalid NumberOfFrames {raw_frames!r}") from None
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        spp, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
-    except (TypeError, ValueError) as exc:
-        raise ImageReadError(p, f"invalid image size attributes: {exc}") from None
+    # Header values are never quoted in a reason (a faulty modality can put an identifier anywhere):
+    # the reason names the attribute and the rule it breaks.
+    frames = _whole_number(p, ds, "NumberOfFrames", default=1)
+    rows, cols = _whole_number(p, ds, "Rows"), _whole_number(p, ds, "Columns")
+    spp, bits = _whole_number(p, ds, "SamplesPerPixel"), _whole_number(p, ds, "BitsAllocated")
     check_pixel_budget(p, rows=rows, columns=cols, samples=spp, bits=bits, frames=max(1, frames), budget=budget)
     if frames > 1:
         raise ImageReadError(p, f"multi-frame DICOM ({frames} frames) is not a single radiograph")
@@ -319,7 +370,38 @@ def _check_image(p: Path, ds: pydicom.Dataset, budget: PixelBudget | None = None
 
     pi = str(ds.PhotometricInterpretation).strip().upper()
     if pi not in _MONOCHROME + _RGB_LIKE + ("PALETTE COLOR",):
-        raise ImageReadError(p, f"unsupported PhotometricInterpretation {pi!r}")
+        raise ImageReadError(p, "unsupported PhotometricInterpretation (expected MONOCHROME1, MONOCHROME2, RGB, "
+                                "YBR_* or PALETTE COLOR)")
+
+
+def _whole_number(p: Path, ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int:
+    """``int(ds.<keyword>)``, or an :class:`ImageReadError` that names the attribute, not its value."""
+    raw = ds.get(keyword)
+    if raw in (None, "") and default is not None:
+        return default
+    try:
+        value = float(raw)
+        if not value.is_integer():
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ImageReadError(p, f"invalid {keyword}: not a whole number") from None
+
+
+def _code_value(ds: pydicom.Dataset, keyword: str) -> str:
+    """Modality for a reason: only a defined term (PS3.3 C.7.3.1.1.1) is quoted; other values are not echoed."""
+    from .safety import MODALITY_TERMS
+
+    value = str(ds.get(keyword) or "").strip().upper()
+    if not value:
+        return "?"
+    return value if value in MODALITY_TERMS else "(not a defined term)"
+
+
+def _scrub(exc: BaseException | str) -> str:
+    """A library's error text for a reason: one line, quoted parts (where libraries put values) elided."""
+    text = " ".join(str(exc).split())
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)[:400]
 
 
 def _decode(p: Path, ds: pydicom.Dataset) -> np.ndarray:
@@ -342,10 +424,10 @@ def _decode(p: Path, ds: pydicom.Dataset) -> np.ndarray:
         raise
     except BaseException as exc:  # noqa: BLE001 (Rust decoders raise pyo3's PanicException, a BaseException)
         if not isinstance(exc, Exception):
-            detail = " ".join(str(exc).split())[:300]
+            detail = _scrub(exc)[:300]
             raise ImageReadError(p, f"the {ts.name} decoder crashed on this file ({type(exc).__name__}: {detail})") \
                 from None
-        detail = " ".join(str(exc).split())  # pydicom lists per-plugin failures on several lines
+        detail = _scrub(exc)  # pydicom lists per-plugin failures on several lines
         missing = "; ".join(decoder.missing_dependencies)
         if missing and "not support" in detail:
             # e.g. 12-bit JPEG Extended: GDCM (via pydicom) and Pillow refuse it, pylibjpeg-libjpeg
@@ -390,7 +472,180 @@ def _transfer_syntax(p: Path, ds: pydicom.Dataset) -> pydicom.uid.UID:
     return ts
 
 
-def _to_display(p: Path, ds: pydicom.Dataset, arr: np.ndarray, *, apply_voi: bool) -> np.ndarray:
+# ----------------------------------------------------------------------------- what the bytes declare
+#
+# The pixel budget above trusts Rows/Columns, but a decoder allocates what its *codestream* declares
+# (a JPEG-LS frame header saying 60000 x 60000 inside a 512 x 512 header aborted GDCM), and a deflated
+# data set is inflated whole before pydicom parses a single element (1 MB became 1 GiB). Both are
+# checked here, before pydicom or a decoder sees the bytes.
+
+# Header allowance on top of the decoded-pixel budget for a deflated data set: its other elements.
+_DEFLATE_HEADER_ALLOWANCE = 64 * 1024 * 1024
+_INFLATE_STEP = 1 << 20
+
+# Start-of-frame markers (ITU-T T.81 B.1.1.3): SOF0-3, 5-7, 9-11, 13-15; and JPEG-LS SOF55 (ITU-T T.87).
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RSTn: no length field
+_JPEG_SYNTAXES = frozenset({pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit, pydicom.uid.JPEGLossless,
+                            pydicom.uid.JPEGLosslessSV1, pydicom.uid.JPEGLSLossless, pydicom.uid.JPEGLSNearLossless})
+_J2K_SYNTAXES = frozenset({pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000, pydicom.uid.HTJ2KLossless,
+                           pydicom.uid.HTJ2KLosslessRPCL, pydicom.uid.HTJ2K})
+_HEADER_SCAN_BYTES = 1 << 20  # a frame header sits in the first bytes; never look further than this
+
+
+def inflate_limit(budget: PixelBudget | None = None) -> int:
+    """The most a deflated data set may inflate to: the decoded-pixel budget plus 64 MiB of other elements."""
+    return (budget or get_pixel_budget()).max_bytes + _DEFLATE_HEADER_ALLOWANCE
+
+
+def _check_deflate(p: Path, budget: PixelBudget | None) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file that inflates past :func:`inflate_limit`.
+
+    pydicom inflates the whole data set in one ``zlib.decompress`` before parsing it; here a
+    streaming ``decompressobj`` with ``max_length`` counts the inflated bytes, holding 1 MiB at a time."""
+    if not _has_dicm_marker(p):
+        return
+    try:
+        with p.open("rb") as f:
+            f.seek(132)
+            meta = pydicom.filereader._read_file_meta_info(f)
+            if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+                return
+            limit = inflate_limit(budget)
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            total = 0
+            for block in iter(lambda: f.read(1 << 16), b""):
+                data = inflater.decompress(block, _INFLATE_STEP)
+                total += len(data)
+                while inflater.unconsumed_tail and total <= limit:
+                    total += len(inflater.decompress(inflater.unconsumed_tail, _INFLATE_STEP))
+                if total > limit:
+                    raise ImageReadError(p, f"deflated data set inflates past the limit of {limit >> 20} MiB "
+                                            "(pixel budget plus header allowance): refused before parsing "
+                                            "(a decompression bomb?)")
+                if inflater.eof:
+                    return
+    except ImageReadError:
+        raise
+    except (OSError, ValueError, zlib.error, EOFError, KeyError):
+        return  # not readable as deflate here: dcmread reports the problem in its own words
+
+
+def codestream_size(data: bytes) -> tuple[str, int, int, int, int] | None:
+    """``(marker, rows, columns, components, bits)`` that a JPEG / JPEG-LS / JPEG 2000 codestream (or JP2
+    file) declares in its frame header, from its first bytes; ``None`` when no frame header is found.
+
+    ``marker`` names where the size was read: ``"SOFn"`` (ITU-T T.81 B.2.2), ``"SOF55"`` (JPEG-LS,
+    ITU-T T.87 C.2.2) or ``"SIZ"`` (JPEG 2000, ISO/IEC 15444-1 A.5.1). Nothing is decoded."""
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_frame_header(data)
+    if data[:4] == b"\xff\x4f\xff\x51":
+        return _j2k_siz(data)
+    if data[4:8] == b"jP  ":
+        box = _jp2_codestream(data)
+        return _j2k_siz(box) if box is not None and box[:4] == b"\xff\x4f\xff\x51" else None
+    return None
+
+
+def _jpeg_frame_header(data: bytes) -> tuple[str, int, int, int, int] | None:
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None  # not at a marker: a corrupt stream
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", data, i + 2)
+        if marker in _SOF_MARKERS:
+            if i + 10 > n:
+                return None
+            bits, rows, cols, comps = struct.unpack_from(">BHHB", data, i + 4)
+            return ("SOF55" if marker == 0xF7 else "SOFn"), rows, cols, comps, bits
+        i += 2 + length
+    return None
+
+
+def _j2k_siz(data: bytes) -> tuple[str, int, int, int, int] | None:
+    if len(data) < 4 + 38 + 3:
+        return None
+    xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", data, 8)
+    (comps,) = struct.unpack_from(">H", data, 40)
+    bits = (data[42] & 0x7F) + 1
+    return "SIZ", max(0, ysiz - yo), max(0, xsiz - xo), comps, bits
+
+
+def _jp2_codestream(data: bytes) -> bytes | None:
+    """The contents of the first ``jp2c`` box of a JP2 file (ISO/IEC 15444-1 I.5)."""
+    i, n = 0, len(data)
+    while i + 8 <= n:
+        length, kind = struct.unpack_from(">I4s", data, i)
+        header = 8
+        if length == 1:
+            if i + 16 > n:
+                return None
+            (length,) = struct.unpack_from(">Q", data, i + 8)
+            header = 16
+        elif length == 0:
+            length = n - i
+        if kind == b"jp2c":
+            return data[i + header:i + length]
+        if length < header:
+            return None
+        i += length
+    return None
+
+
+def _first_fragment_bytes(ds: pydicom.Dataset) -> bytes:
+    """The start of the first frame's codestream: fragments joined up to :data:`_HEADER_SCAN_BYTES`."""
+    out = b""
+    items = generate_fragments(ds.PixelData)
+    next(items, None)  # the Basic Offset Table item
+    for fragment in items:
+        out += fragment
+        if len(out) >= _HEADER_SCAN_BYTES:
+            break
+    return out[:_HEADER_SCAN_BYTES]
+
+
+def _check_codestream(p: Path, ds: pydicom.Dataset, budget: PixelBudget | None) -> None:
+    """Refuse a JPEG / JPEG-LS / JPEG 2000 codestream whose own frame header declares a size other than
+    Rows x Columns, or more than the budget: the decoder allocates what the codestream says."""
+    ts = _transfer_syntax(p, ds)
+    family = "JPEG" if ts in _JPEG_SYNTAXES else "JPEG 2000" if ts in _J2K_SYNTAXES else None
+    if family is None or not ds["PixelData"].is_undefined_length:
+        return
+    try:
+        head = _first_fragment_bytes(ds)
+    except (ValueError, TypeError, struct.error) as exc:
+        raise ImageReadError(p, f"corrupt encapsulated pixel data ({ts.name}): {type(exc).__name__}") from None
+    found = codestream_size(head)
+    if found is not None and (found[0] == "SIZ") != (family == "JPEG 2000"):
+        found = None  # the other codec's stream: the decoder for this transfer syntax cannot size it
+    if found is None:
+        where = "frame header (SOFn / SOF55)" if family == "JPEG" else "SIZ marker"
+        raise ImageReadError(p, f"no {family} {where} at the start of the pixel data ({ts.name}): corrupt "
+                                "codestream, refused before decoding")
+    marker, rows, cols, comps, bits = found
+    what = f"the {family}{'-LS' if marker == 'SOF55' else ''} codestream's {marker} header"
+    b = budget or get_pixel_budget()
+    decoded = rows * cols * max(1, comps) * max(1, -(-bits // 8))
+    if rows * cols > b.max_pixels or decoded > b.max_bytes:
+        raise ImageReadError(p, f"over the pixel budget: {what} declares more than the limit of "
+                                f"{b.max_pixels / 1e6:.1f} megapixels / {b.max_bytes >> 20} MiB decoded "
+                                "(refused before decoding)")
+    if rows == 0 or cols == 0 or rows != int(ds.Rows) or cols != int(ds.Columns):
+        raise ImageReadError(p, f"{what} declares another image size than Rows/Columns: refused before "
+                                "decoding (a codestream that misstates its size can exhaust memory)")
+
+
+def _to_display(p: Path, ds: pydicom.Dataset, arr: np.ndarray, *, apply_voi: bool,
+                notes: list[str]) -> np.ndarray:
     pi = str(ds.PhotometricInterpretation).strip().upper()
     if pi == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)
@@ -400,27 +655,90 @@ def _to_display(p: Path, ds: pydicom.Dataset, arr: np.ndarray, *, apply_voi: boo
         bits = int(ds.get("BitsStored") or ds.BitsAllocated)
         return _luma(arr) / float(2**bits - 1)
 
+    _check_rescale(p, ds)
     values = apply_modality_lut(arr, ds)
+    _check_modality_values(p, values)
+    if values.size and values.min() == values.max():
+        notes.append(f"{CONSTANT_IMAGE}: every pixel has the same value after the modality LUT (PixelData, "
+                     "RescaleSlope / RescaleIntercept)")
+        apply_voi = False  # nothing a window could show
     out: np.ndarray | None = None
-    if apply_voi:
-        kind = _voi_kind(ds)
-        if kind is not None:
-            try:
-                lo, hi = _voi_output_range(ds, kind)
-                if kind == "lut" and values.dtype.kind == "f":
-                    # LUT input must be integral; a rescale with integer slope/intercept gives floats.
-                    values = np.rint(values).astype(np.int64)
-                windowed = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-                out = np.clip((np.asarray(windowed, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
-            except (ValueError, NotImplementedError, ZeroDivisionError) as exc:
-                # e.g. WindowWidth < 1: the pixels are fine, only the suggested window is not.
-                logger.warning("%s: ignoring invalid VOI (%s); using min-max scaling", p, exc)
-                out = None
+    kind = _voi_kind(ds) if apply_voi else None
+    if kind == "window":
+        problem = _window_problem(ds)
+        if problem:
+            notes.append(f"{problem}: the window was ignored and the image min-max scaled")
+            kind = None
+    if kind is not None:
+        try:
+            lo, hi = _voi_output_range(ds, kind)
+            if kind == "lut" and values.dtype.kind == "f":
+                # LUT input must be integral; a rescale with integer slope/intercept gives floats.
+                values = np.rint(values).astype(np.int64)
+            windowed = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+            out = np.clip((np.asarray(windowed, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
+        except (ValueError, NotImplementedError, ZeroDivisionError, TypeError, IndexError):
+            # The pixels are fine, only the suggested VOI is not (pydicom's message may quote it: not kept).
+            notes.append("the VOI (VOILUTSequence, WindowCenter / WindowWidth, VOILUTFunction) cannot be "
+                         "applied: it was ignored and the image min-max scaled")
+            out = None
+        if out is not None and out.size and out.min() == out.max():
+            notes.append(f"{CONSTANT_IMAGE}: the window (WindowCenter / WindowWidth or VOILUTSequence) maps every "
+                         "pixel to one value")
     if out is None:
         out = _minmax(values)
     if pi == "MONOCHROME1":
         out = 1.0 - out
     return out
+
+
+# Above 2**53 float64 stops representing whole numbers: no stored value times a sane slope gets there.
+_MAX_MODALITY_VALUE = float(2**53)
+
+
+def _check_rescale(p: Path, ds: pydicom.Dataset) -> None:
+    """Refuse a Rescale Slope / Intercept that makes the modality LUT undefined or collapse the image."""
+    if ds.get("ModalityLUTSequence"):
+        return  # the LUT wins over the rescale (PS3.3 C.11.1), as in apply_modality_lut
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        try:
+            raw = ds.get(keyword)
+            if raw in (None, ""):
+                continue
+            value = float(raw)
+        except (TypeError, ValueError, OverflowError):
+            raise ImageReadError(p, f"invalid {keyword}: not a single number (the modality LUT is undefined)") \
+                from None
+        if not math.isfinite(value):
+            raise ImageReadError(p, f"invalid {keyword}: not a finite number (NaN or infinity): the modality LUT is "
+                                    "undefined")
+        if keyword == "RescaleSlope" and value == 0.0:
+            raise ImageReadError(p, "invalid RescaleSlope: 0 maps every pixel to one value (a blank image)")
+
+
+def _check_modality_values(p: Path, values: np.ndarray) -> None:
+    if values.dtype.kind != "f" or not values.size:
+        return
+    if not np.isfinite(values).all():
+        raise ImageReadError(p, "non-finite values after the modality LUT (RescaleSlope / RescaleIntercept)")
+    if float(np.abs(values).max()) > _MAX_MODALITY_VALUE:
+        raise ImageReadError(p, "values out of range after the modality LUT (RescaleSlope / RescaleIntercept): "
+                                "magnitudes above 2^53")
+
+
+def _window_problem(ds: pydicom.Dataset) -> str | None:
+    """Why the first WindowCenter / WindowWidth pair cannot be applied (PS3.3 C.11.2.1.2), or ``None``."""
+    for keyword in ("WindowCenter", "WindowWidth"):
+        try:
+            raw = ds.get(keyword)
+            value = float(raw[0] if isinstance(raw, (list, tuple, pydicom.multival.MultiValue)) else raw)
+        except (TypeError, ValueError, OverflowError, IndexError):
+            return f"invalid {keyword}: not a number"
+        if not math.isfinite(value):
+            return f"invalid {keyword}: not a finite number"
+        if keyword == "WindowWidth" and value < 1:
+            return "invalid WindowWidth: below 1 (PS3.3 C.11.2.1.2.1 requires at least 1)"
+    return None
 
 
 def _voi_kind(ds: pydicom.Dataset) -> str | None:
@@ -471,8 +789,9 @@ def _sop_class_name(ds: pydicom.Dataset) -> str:
     uid = ds.get("SOPClassUID")
     if not uid:
         return "?"
+    uid = str(uid).strip()
     name = pydicom.uid.UID(uid).name
-    return name if name and name != str(uid) else str(uid)
+    return name if name and name != uid else (uid if re.fullmatch(r"[0-9.]{1,64}", uid) else "(not a valid UID)")
 
 
 def _has_dicm_marker(p: Path) -> bool:
@@ -487,7 +806,8 @@ def _has_dicm_marker(p: Path) -> bool:
 # ----------------------------------------------------------------------------- PNG / JPEG / TIFF
 
 
-def read_raster(path: str | os.PathLike[str], *, budget: PixelBudget | None = None) -> np.ndarray:
+def read_raster(path: str | os.PathLike[str], *, budget: PixelBudget | None = None,
+                notes: list[str] | None = None) -> np.ndarray:
     """Read a PNG / JPEG / TIFF radiograph as float32 (H, W) in [0, 1].
 
     8-bit data is divided by 255, 16-bit (mode ``I;16*``, or ``I`` within 0..65535) by 65535;
@@ -506,6 +826,8 @@ def read_raster(path: str | os.PathLike[str], *, budget: PixelBudget | None = No
                 raise ImageReadError(p, f"multi-page image ({frames} pages) is not a single radiograph")
             im.load()
             arr = _pil_to_unit(p, ImageOps.exif_transpose(im))
+            if arr.size and arr.min() == arr.max():
+                _report(p, [f"{CONSTANT_IMAGE}: every pixel has the same value"], notes)
     except ImageReadError:
         raise
     except MemoryError:
@@ -546,10 +868,25 @@ def _pil_to_unit(p: Path, im: Image.Image) -> np.ndarray:
 # ----------------------------------------------------------------------------- shared helpers
 
 
+def link_problem(path: str) -> str | None:
+    """Why a symbolic link cannot be followed, or ``None`` (not a link, a missing path, or a good link)."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop: the link leads back to itself"
+        if exc.errno == errno.ENOENT:
+            return "dangling symbolic link: its target does not exist"
+        return f"cannot follow the symbolic link: {exc.strerror or exc}"
+    return None
+
+
 def _existing_file(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if not p.exists():
-        raise ImageReadError(p, "file not found")
+        raise ImageReadError(p, link_problem(str(p)) or "file not found")  # say why a link leads nowhere
     if not p.is_file():
         raise ImageReadError(p, "not a regular file")
     if not os.access(p, os.R_OK):

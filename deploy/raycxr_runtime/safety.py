@@ -13,9 +13,10 @@ unless forced) and *notes* (worth knowing, no reason to refuse):
   lateral *View Code Sequence* meaning, or "lateral" / "LAT" in *Series Description* or
   *Acquisition Device Processing Description* (unless *View Position* says PA or AP).
 
-These are heuristics on what the modality wrote; a header can be wrong or empty. Header values
-quoted in the reasons are code strings (Modality, Body Part, View Position), reduced to
-``[A-Z0-9 _-]`` and 16 characters, so no free text (where an identifier could hide) is echoed.
+These are heuristics on what the modality wrote; a header can be wrong or empty. A header value is
+quoted in a reason only when it is one of the standard's defined terms (Modality: PS3.3 C.7.3.1.1.1;
+Body Part Examined: common PS3.16 Annex L terms; View Position: the lateral terms above); any other
+value, where an identifier could hide, is described, never echoed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ CHEST_BODY_PARTS: tuple[str, ...] = ("CHEST", "THORAX", "TORAX", "THORACIC", "LU
 LATERAL_VIEW_POSITIONS: tuple[str, ...] = ("LL", "RL", "LAT", "LATERAL", "LLAT", "RLAT")
 FRONTAL_VIEW_POSITIONS: tuple[str, ...] = ("PA", "AP")
 
+# Defined terms that may be quoted in a reason (anything else in these attributes is not echoed).
+MODALITY_TERMS: frozenset[str] = frozenset(
+    "AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN "
+    "LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE "
+    "RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC "
+    "CD DD DF DM DR DS EC FA FS LP MA MS OPR ST VF".split())
+BODY_PART_TERMS: frozenset[str] = frozenset(
+    "ABDOMEN ABDOMENPELVIS ANKLE ARM BRAIN BREAST CALCANEUS CHESTABDOMEN CLAVICLE COCCYX CSPINE ELBOW EXTREMITY "
+    "FACE FEMUR FIBULA FINGER FOOT FOREARM HAND HEAD HEADNECK HEART HIP HUMERUS JAW KIDNEY KNEE LEG LIVER "
+    "LSPINE NECK ORBIT PATELLA PELVIS RADIUS RIB SACRUM SCAPULA SHOULDER SINUS SKULL SPINE SSPINE STERNUM "
+    "THUMB TIBIA TOE TSPINE ULNA WHOLEBODY WRIST ZYGOMA".split())
+
 _CR = "1.2.840.10008.5.1.4.1.1.1"
 _DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 _DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
@@ -59,11 +72,12 @@ def check_header(ds: pydicom.Dataset, *, frontal_only: bool = True) -> tuple[lis
     if not modality:
         notes.append("no Modality in the DICOM header: modality not checked")
     elif modality not in XRAY_MODALITIES:
-        flags.append(f"not a chest radiograph: Modality {modality!r} (expected one of {', '.join(XRAY_MODALITIES)})")
+        flags.append(f"not a chest radiograph: Modality {_term(modality, MODALITY_TERMS)} (expected one of "
+                     f"{', '.join(XRAY_MODALITIES)})")
     if "BodyPartExamined" in ds:
         body = _code(ds, "BodyPartExamined")
         if not is_chest_body_part(body):
-            flags.append(f"not a chest radiograph: BodyPartExamined {body!r}")
+            flags.append(f"not a chest radiograph: BodyPartExamined {_term(body, BODY_PART_TERMS)}")
     else:
         notes.append("no BodyPartExamined in the DICOM header: body part not checked")
     sop = str(ds.get("SOPClassUID") or "").strip()
@@ -93,7 +107,7 @@ def lateral_reason(ds: pydicom.Dataset) -> str | None:
     for item in ds.get("ViewCodeSequence") or []:
         meaning = str(item.get("CodeMeaning") or "")
         if _LATERAL_TEXT.search(meaning) and not _DECUBITUS.search(meaning):
-            return f"ViewCodeSequence meaning {_clean(meaning, 64)!r}"
+            return "ViewCodeSequence meaning is a lateral view"  # free text: not quoted
     if view in FRONTAL_VIEW_POSITIONS:  # an explicit frontal view position wins over series-level text
         return None
     for keyword in ("SeriesDescription", "AcquisitionDeviceProcessingDescription"):
@@ -112,10 +126,17 @@ def _code(ds: pydicom.Dataset, keyword: str) -> str:
     return _clean(str(value).upper(), 16)
 
 
+def _term(value: str, terms: frozenset[str]) -> str:
+    """``'VALUE'`` when ``value`` is a defined term, else a description: other values are not echoed."""
+    return repr(value) if value in terms else "(not one of the defined terms)"
+
+
 def _clean(text: str, limit: int) -> str:
     return re.sub(r"[^A-Za-z0-9 _\-]", "", text).strip()[:limit]
 
 
 def _sop_name(uid: str) -> str:
     name = UID(uid).name
-    return name if name and name != uid else re.sub(r"[^0-9.]", "", uid)[:64]
+    if name and name != uid:
+        return name
+    return uid if re.fullmatch(r"[0-9.]{1,64}", uid) else "(not a valid UID)"

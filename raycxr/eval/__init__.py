@@ -1,1 +1,2 @@
-"""Evaluation of pretrained encoders: scoring sites, metrics and the report (``raycxr eval``)."""
+"""Evaluation of pretrained encoders: scoring sites, the report (``raycxr eval``); the metrics live in
+:mod:`raycxr.engine.metrics`."""

@@ -30,9 +30,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..dataset import site_dataset
-from ..methods import Pretrained, load_pretrained
+from ..methods import Pretrained, get_method, load_pretrained
 from ..models.classifiers import EmbeddingModel
-from ..sites.config import SiteConfig, discover_sites
+from ..sites.config import SiteConfig, select_sites
 from .predict import SitePredictions, predict_site
 from .report import jsonable as _jsonable
 from .report import summary_lines
@@ -41,7 +41,7 @@ from .transfer import fine_tune_model, fit_linear_probe, linear_probe_probs, tra
 
 def reliability(pred: SitePredictions, thresholds: np.ndarray) -> dict[str, Any]:
     """FNR by sex and age band, subset accuracy, the threshold sweep, oracle AUC and ROC points."""
-    from . import metrics as M
+    from ..engine import metrics as M
 
     cols = pred.annotated_classes()
     p, t, m = pred.probs[:, cols], pred.targets[:, cols], pred.mask[:, cols]
@@ -64,7 +64,7 @@ def score_site(model: nn.Module, site: SiteConfig, class_names: list[str], *, im
                ood: bool, keep: dict[str, SitePredictions] | None = None) -> dict[str, Any]:
     """The classifier on one site's test split: metrics, CIs and reliability over the classes it annotates
     (the predictions also go into ``keep``, for the pooled figures)."""
-    from .metrics import classification_metrics
+    from ..engine.metrics import classification_metrics
 
     pred = predict_site(model, site, class_names, split=cfg.split, image_size=image_size,
                         batch_size=cfg.batch_size, limit=cfg.get("limit"))
@@ -87,7 +87,7 @@ def pooled(preds: dict[str, SitePredictions], names: list[str], class_names: lis
     """The classifier on the training sites' test splits pooled into one set: per class AUC with its
     positives (what a single decision threshold across the sites faces; note that pooling rewards
     telling the sites apart when their prevalence differs)."""
-    from .metrics import classification_metrics
+    from ..engine.metrics import classification_metrics
 
     p = np.concatenate([preds[n].probs for n in names])
     t = np.concatenate([preds[n].targets for n in names])
@@ -100,7 +100,7 @@ def pooled(preds: dict[str, SitePredictions], names: list[str], class_names: lis
 
 def zero_shot(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> dict[str, Any]:
     """The run queried with the site's own class names (prompt template from the config)."""
-    from .metrics import classification_metrics
+    from ..engine.metrics import classification_metrics
 
     own = site.load_manifest().label_names
     prompts = [cfg.zero_shot.template.format(n) for n in own]
@@ -143,7 +143,7 @@ def linear_probe(pre: Pretrained, site: SiteConfig, cfg: DictConfig) -> tuple[di
     """Logistic regression per class on frozen, standardised embeddings (train split → test split).
 
     Returns the test metrics and the fitted weights in embedding space (for linear-probe-then-fine-tune)."""
-    from .metrics import classification_metrics
+    from ..engine.metrics import classification_metrics
 
     lp = cfg.linear_probe
 
@@ -167,7 +167,7 @@ def _against_random(probs: np.ndarray, random_probs: np.ndarray, te: SitePredict
                     names: list[str], cfg: DictConfig) -> dict[str, Any]:
     """The probe on the pretrained encoder against the same probe on a random-init encoder: both mean AUCs
     over the estimable classes and their paired-bootstrap difference."""
-    from .metrics import classification_metrics, contrast_bootstrap, estimable_classes
+    from ..engine.metrics import classification_metrics, contrast_bootstrap, estimable_classes
 
     t, m = te.targets[:, cols], te.mask[:, cols]
     est = np.flatnonzero(estimable_classes(t, m, int(cfg.min_positives)))
@@ -183,15 +183,15 @@ def _against_random(probs: np.ndarray, random_probs: np.ndarray, te: SitePredict
 def fine_tune(pre: Pretrained, site: SiteConfig, fraction: float, cfg: DictConfig, *,
               head_init: dict | None = None) -> dict[str, Any]:
     """Fine-tune encoder + a new linear head on ``fraction`` of the site's training images; test mean AUC."""
-    from .metrics import classification_metrics
+    from ..engine.metrics import classification_metrics
 
     f = cfg.fine_tune
     n_train = len(site_dataset(site, {"size": pre.image_size}, split="train", train=False))
     idx = train_subset(n_train, fraction, int(cfg.seed), int(f.min_images))
     model, steps = fine_tune_model(pre.encoder, site, image_size=pre.image_size, indices=idx, seed=int(cfg.seed),
-                                   batch_size=int(cfg.batch_size), epochs=int(f.epochs), max_steps=f.get("max_steps"),
+                                   batch_size=int(cfg.batch_size), epochs=int(f.epochs), max_steps=f.max_steps,
                                    lr=float(f.lr), head_lr=float(f.head_lr), head_init=head_init,
-                                   schedule=str(f.get("schedule", "cosine")), min_steps=int(f.get("min_steps") or 0))
+                                   schedule=str(f.schedule), min_steps=int(f.min_steps or 0))
     own = site.load_manifest().label_names
     pred = predict_site(model, site, own, split=cfg.split, image_size=pre.image_size,
                         batch_size=cfg.batch_size, limit=cfg.get("limit"), progress=False)
@@ -243,19 +243,21 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.run`` on the registered sites and write ``results.json``, ``metrics.csv`` and the report."""
     from .report import write_report
 
+    sites = select_sites(cfg)
+    unbuilt = [n for n, s in sites.items() if not s.has_manifest()]
+    if unbuilt:  # say how to leave them out, before any scoring starts
+        built = [n for n in sites if n not in unbuilt]
+        raise FileNotFoundError(
+            f"site(s) {unbuilt} have no manifest (`raycxr sites build NAME`, or `raycxr synth` for the demo sites); "
+            f"to evaluate on the others, name them: site_names=[{','.join(built)}]"
+            + ("" if cfg.get("site_names") else " (eval takes every registered site by default)"))
     pre = load_pretrained(cfg.run)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, int(cfg.get("threads") or torch.get_num_threads())))
-    registered = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
-    wanted = list(cfg.site_names) if cfg.get("site_names") else list(registered)
-    unknown = [s for s in wanted if s not in registered]
-    if unknown:
-        raise ValueError(f"unknown site(s) {unknown}; registered: {sorted(registered)}")
-    sites = {n: registered[n] for n in wanted}
-    results: dict[str, Any] = {"model": {"run": str(cfg.run), "method": pre.method, "encoder": pre.encoder_name,
-                               "image_size": pre.image_size, "classes": pre.class_names, "sites": pre.sites},
-                               "sites": {}}
+    model = {"run": str(cfg.run), "checkpoint": pre.source, "method": pre.method, "encoder": pre.encoder_name,
+             "image_size": pre.image_size, "classes": pre.class_names, "sites": pre.sites}
+    results: dict[str, Any] = {"model": model, "sites": {}}
     # a label-free run (method=selfsup) is an encoder only: its evaluation is the probe and fine-tuning
     steps = [(n, "classifier") for n in sites] if pre.classifier is not None else []
     if cfg.zero_shot.enabled and pre.zero_shot is not None:
@@ -268,12 +270,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         steps += [(n, f"fine_tune {fr:g}") for n in ft_sites for fr in cfg.fine_tune.fractions]
         if cfg.fine_tune.lp_ft:
             steps += [(n, "lp_ft") for n in ft_sites]
-    retrieval = cfg.get("retrieval") or {}
-    if retrieval.get("enabled", True) and "encode_text" in pre.extra:
-        steps += [(n, "retrieval") for n in _pick(retrieval.get("sites", "all"), sites, pre)]
-    seg = cfg.get("segmentation") or {}
-    if _segmentation_wanted(seg.get("enabled", "auto"), pre):
-        steps += [("all", f"segmentation {fr:g}") for fr in seg.get("fractions", [0.01, 0.1, 1.0])]
+    if cfg.retrieval.enabled and "encode_text" in pre.extra:
+        steps += [(n, "retrieval") for n in _pick(cfg.retrieval.sites, sites, pre)]
+    if _segmentation_wanted(cfg.segmentation.enabled, pre):
+        steps += [("all", f"segmentation {fr:g}") for fr in cfg.segmentation.fractions]
     heads: dict[str, dict] = {}
     preds: dict[str, SitePredictions] = {}
     bar = tqdm(steps, desc="raycxr eval", unit="step", dynamic_ncols=True)
@@ -317,9 +317,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _segmentation_wanted(enabled: Any, pre: Pretrained) -> bool:
-    """``auto``: runs whose method learns from localisation (UmiF's image-segment pairs); true / false."""
+    """``auto``: runs whose method learns from localisation (``Method.segmentation_by_default``, e.g. UmiF's
+    image-segment pairs); true / false."""
     if str(enabled).lower() == "auto":
-        return pre.method == "umif"
+        return get_method(pre.method).segmentation_by_default
     if str(enabled).lower() in ("true", "false"):
         return str(enabled).lower() == "true"
     raise ValueError(f"segmentation.enabled must be auto, true or false, got {enabled!r}")

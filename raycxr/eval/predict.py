@@ -62,14 +62,17 @@ def predict_site(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], site
     n = len(ds) if limit is None else min(limit, len(ds))
     subset = torch.utils.data.Subset(ds, range(n))
     dl = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
+    device = None
     if isinstance(model, nn.Module):
         model.eval()
+        device = next(model.parameters(), torch.empty(0)).device  # the images go where the model is
     probs, ids = [], []
     for batch in tqdm(dl, desc=f"scoring {site.name}/{split or 'all'}", unit="batch", disable=not progress,
                       leave=False):
         if batch is None:
             continue
-        probs.append(model(batch["image"]).float().numpy())
+        images = batch["image"] if device is None else batch["image"].to(device, non_blocking=True)
+        probs.append(model(images).float().cpu().numpy())
         ids.extend(batch["image_id"])
     row = {iid: i for i, iid in enumerate(ds.df["image_id"].to_numpy()[:n])}
     keep = np.array([row[i] for i in ids], dtype=np.int64)

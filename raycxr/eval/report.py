@@ -500,7 +500,7 @@ def _md_cell(s: Any) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(blocks: Sequence[Block]) -> str:
+def report_markdown(blocks: Sequence[Block]) -> str:
     out = []
     for blk in blocks:
         kind = blk[0]
@@ -597,5 +597,5 @@ def write_report(results: dict, out_dir: Path, *, title: str = "raycxr evaluatio
     blocks = _blocks(clean, write_figures(clean, out_dir), title)
     (out_dir / "report.html").write_text(render_html(blocks, title))
     md = out_dir / "report.md"
-    md.write_text(render_markdown(blocks))
+    md.write_text(report_markdown(blocks))
     return md

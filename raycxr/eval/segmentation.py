@@ -27,7 +27,7 @@ contours of every init).
 The pieces live where MONAI keeps them: the network in :mod:`raycxr.models.segmentation`, the
 dataset in :mod:`raycxr.dataset`, the augmentation in :mod:`raycxr.transforms`, Dice + BCE in
 :mod:`raycxr.losses`, and the training loop is the one classification fine-tuning uses
-(:func:`raycxr.train.supervised.fit_supervised`). This module holds the metrics, the run and the report.
+(:func:`raycxr.engine.supervised.fit_supervised`). This module holds the metrics, the run and the report.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ from tqdm import tqdm
 
 from ..checkpoint import Checkpoint
 from ..dataset import SEGMENTATION_TASKS, SegmentationDataset, collate_skip_none
+from ..engine.supervised import fit_supervised
 from ..losses import DiceBCELoss
 from ..models.segmentation import SegmentationModel
 from ..sites.config import SiteConfig, discover_sites
-from ..train.supervised import fit_supervised
 from .report import jsonable
 
 INITS = ("pretrained", "random")
@@ -71,7 +71,7 @@ def train_segmentation(model: SegmentationModel, dataset: Dataset, *, epochs: in
                        max_steps_per_epoch: int | None = None, seed: int = 0, num_workers: int = 0,
                        desc: str = "segment") -> list[dict[str, float]]:
     """Train with Dice + BCE (:class:`~raycxr.losses.DiceBCELoss`) and AdamW for a fixed number of epochs
-    (and steps), through the shared fine-tuning loop (:func:`raycxr.train.supervised.fit_supervised`).
+    (and steps), through the shared fine-tuning loop (:func:`raycxr.engine.supervised.fit_supervised`).
 
     The model stays on its device; batches follow it. The shuffling is seeded by ``seed``.
     Returns one record per step: ``{"epoch", "step", "loss"}``."""
@@ -243,7 +243,7 @@ def _build(init: str, cfg: DictConfig, checkpoint: Path, name: str) -> Segmentat
 def run_segmentation(cfg: DictConfig) -> dict[str, Any]:
     """Train and test a segmentation model per task and init; write ``segmentation.json``, ``segmentation.md``
     and ``segmentation.png`` in ``cfg.out`` and return the results (``rows``: one per task x init)."""
-    ckpt = Checkpoint.load(cfg.run)
+    ckpt = Checkpoint.load(cfg.run, best=True)
     checkpoint, encoder_name = Path(ckpt.source), ckpt.encoder_name
     del ckpt
     tasks = OmegaConf.to_container(cfg.tasks, resolve=True) if cfg.get("tasks") else {}
@@ -313,7 +313,7 @@ def run_segmentation(cfg: DictConfig) -> dict[str, Any]:
         panels.append(panel)
     (out / "segmentation.json").write_text(json.dumps(jsonable(results), indent=1))
     plot_segmentations(panels, out / "segmentation.png")
-    (out / "segmentation.md").write_text(render_markdown(results, figure="segmentation.png"))
+    (out / "segmentation.md").write_text(segmentation_markdown(results, figure="segmentation.png"))
     _print_table(results)
     print(f"wrote {out / 'segmentation.json'}, {out / 'segmentation.md'} and {out / 'segmentation.png'}")
     return results
@@ -339,7 +339,7 @@ def table_rows(results: Mapping[str, Any]) -> list[list[str]]:
              f"{_fmt(r['train_loss_first'])} → {_fmt(r['train_loss_last'])}"] for r in results["rows"]]
 
 
-def render_markdown(results: Mapping[str, Any], *, figure: str | None = None) -> str:
+def segmentation_markdown(results: Mapping[str, Any], *, figure: str | None = None) -> str:
     """``segmentation.md``: settings, the table, how empty masks are counted, the figure."""
     s = results["settings"]
     lines = [f"# raycxr segmentation: {results['encoder']} encoder from {results['run']} vs random initialisation",

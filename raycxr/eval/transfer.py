@@ -20,11 +20,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..dataset import collate_skip_none, site_dataset
+from ..engine.supervised import fit_supervised
 from ..losses import masked_bce_with_logits
 from ..models.classifiers import Probabilities
 from ..models.factory import LinearClassifier
 from ..sites.config import SiteConfig
-from ..train.supervised import fit_supervised
 
 
 def train_subset(n: int, fraction: float, seed: int, min_images: int = 8) -> np.ndarray:
@@ -71,17 +71,40 @@ def prior_bias(labels: np.ndarray, mask: np.ndarray, eps: float = 1e-3) -> np.nd
     return np.log(rate / (1 - rate)).astype(np.float32)
 
 
+def encoder_groups(encoder: nn.Module, lr: float, layer_decay: float | None = None) -> list[dict]:
+    """The encoder's optimiser groups: one at ``lr``, or with ``layer_decay`` one per depth of its timm backbone
+    (``timm.optim.param_groups_layer_decay``'s scales applied to ``lr``; the token MLP after it at ``lr``)."""
+    if layer_decay is None:
+        return [{"params": list(encoder.parameters()), "lr": lr}]
+    from timm.optim import param_groups_layer_decay
+
+    backbone = getattr(encoder, "backbone", None)
+    if backbone is None or not hasattr(backbone, "group_matcher"):
+        raise ValueError("layer_decay needs a timm backbone that names its layers (a ViT); got "
+                         f"{type(encoder).__name__}")
+    groups = param_groups_layer_decay(backbone, weight_decay=0.01, layer_decay=float(layer_decay))
+    out = [{"params": g["params"], "lr": lr * float(g.get("lr_scale", 1.0)), "weight_decay": g["weight_decay"]}
+           for g in groups]
+    inside = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in encoder.parameters() if id(p) not in inside]
+    return out + ([{"params": rest, "lr": lr}] if rest else [])
+
+
 def fine_tune_model(encoder: nn.Module, site: SiteConfig, *, image_size: int, indices: np.ndarray | None = None,
                     seed: int = 0, batch_size: int = 32, epochs: int = 2, max_steps: int | None = None,
                     min_steps: int = 0, lr: float = 1e-4, head_lr: float = 1e-3, head_init: dict | None = None,
-                    desc: str | None = None, cache: bool = False, schedule: str = "cosine") -> tuple[nn.Module, int]:
+                    desc: str | None = None, cache: bool = False, schedule: str = "cosine",
+                    device: torch.device | str | None = None, layer_decay: float | None = None,
+                    warmup: float = 0.0) -> tuple[nn.Module, int]:
     """Fine-tune a copy of ``encoder`` with a new linear head over the site's own classes on its training
     images (``indices`` of the train split, default all; ``cache``: read through the site's decode
     cache; ``schedule``: the learning rates decay on a cosine to 0, or stay ``constant``). The run is
     ``epochs`` passes over the subset, extended to at least ``min_steps`` optimiser steps (a 1 % subset
     is one batch per epoch) and cut at ``max_steps``. A new head starts at the classes' priors
     (:func:`prior_bias`); ``head_init`` (LP-FT) replaces it. Returns the model as images → probabilities
-    and the number of optimiser steps."""
+    and the number of optimiser steps. ``device``: where it trains (default: the CPU). ``layer_decay``
+    (ViT-family backbones): each block trains at ``layer_decay`` times the rate of the block above it, the
+    embedding lowest (the BEiT / MAE fine-tuning recipe); ``warmup``: a fraction of the steps of linear warm-up."""
     train_ds = site_dataset(site, {"size": int(image_size), "cache": bool(cache)}, split="train", train=True,
                             seed=int(seed), use_labels=True)
     idx = np.arange(len(train_ds)) if indices is None else np.asarray(indices)
@@ -92,7 +115,9 @@ def fine_tune_model(encoder: nn.Module, site: SiteConfig, *, image_size: int, in
     else:
         with torch.no_grad():
             model.head.bias.copy_(torch.from_numpy(prior_bias(train_ds.labels[idx], train_ds.label_mask[idx])))
-    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": float(lr)},
+    if device is not None:
+        model.to(device)  # before the optimiser is built, so its state lives there too
+    opt = torch.optim.AdamW([*encoder_groups(model.encoder, float(lr), layer_decay),
                              {"params": model.head.parameters(), "lr": float(head_lr)}], weight_decay=0.01)
     dl = DataLoader(Subset(train_ds, idx.tolist()), batch_size=int(batch_size), shuffle=True,
                     collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(int(seed)))
@@ -105,5 +130,5 @@ def fine_tune_model(encoder: nn.Module, site: SiteConfig, *, image_size: int, in
     total = max(int(epochs) * per_epoch, int(min_steps))
     total = total if max_steps is None else min(total, int(max_steps))
     history = fit_supervised(model, dl, bce, opt, epochs=n_epochs, max_steps=total,
-                             desc=desc or f"fine-tune {site.name}", progress=False, schedule=schedule)
+                             desc=desc or f"fine-tune {site.name}", progress=False, schedule=schedule, warmup=warmup)
     return Probabilities(model).eval(), len(history)

@@ -129,7 +129,7 @@ class SiteClient:
 
         data = SiteData(cfg, sites, union_names, mu=self._mu(), prox_pairs=prox_pairs)
         torch.manual_seed(int(cfg.seed))
-        run = Run(self.dir)
+        run = Run(self.dir, keep_best=False)  # one round's local epochs: their best is not the federation's
         run.write_config(cfg)
         method = self.method_cls(cfg, sites, data)
         holder["method"] = method
@@ -185,13 +185,17 @@ class SiteClient:
 def audit_update(update: Any, *, image_size: int, forbidden: list[str] = ()) -> list[str]:
     """What is wrong with an update a site sent (empty: nothing): a tensor shaped like an image batch
     (its last two dimensions ``image_size × image_size``), or a string anywhere in it (keys included)
-    that looks like a file path or contains one of ``forbidden`` (patient or image identifiers)."""
+    that looks like a file path or contains one of ``forbidden`` (patient or image identifiers), or a
+    floating tensor with NaN or ±inf (one such tensor turns the global model into NaN). The problems
+    name where, never the identifier found: they go to the federation's log."""
     problems: list[str] = []
 
     def walk(x: Any, where: str) -> None:
         if isinstance(x, torch.Tensor):
             if x.ndim >= 3 and tuple(x.shape[-2:]) == (image_size, image_size):
                 problems.append(f"{where}: tensor of shape {tuple(x.shape)} looks like images")
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                problems.append(f"{where}: non-finite values (NaN or inf)")
         elif isinstance(x, Mapping):
             for k, v in x.items():
                 walk(k, f"{where}.<key>")
@@ -205,7 +209,8 @@ def audit_update(update: Any, *, image_size: int, forbidden: list[str] = ()) -> 
                 problems.append(f"{where}: {x!r} looks like a file path")
             for f in forbidden:
                 if f and f in x:
-                    problems.append(f"{where}: contains identifier {f!r}")
+                    problems.append(f"{where}: contains a patient or image identifier of this site")
+                    break
         elif not isinstance(x, (int, float, bool, type(None))):
             problems.append(f"{where}: unexpected {type(x).__name__}")
 

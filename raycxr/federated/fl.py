@@ -14,7 +14,7 @@
   ``ClientAlgo`` class, and a ``ServerApp`` running Flower's FedAvg that saves the same raycxr checkpoint.
 
 A client named like a catalogue site (``nih``) is that site; an engine's generic name (``site-1``,
-Flower's partition id) is the catalogue's n-th site. The config is ``configs/federate.yaml`` with
+Flower's partition id) is the catalogue's n-th site. The config is ``raycxr/configs/federate.yaml`` with
 overrides, given to every component as a list of strings (they travel in NVFLARE's job JSON).
 """
 
@@ -34,13 +34,13 @@ from omegaconf import DictConfig
 
 from ..checkpoint import FILENAME, Checkpoint
 from ..config import compose
+from ..engine.validation import validation_auc
 from ..labels import UnionLabelSpace
 from ..sites.config import SiteConfig
 from ..train.local import select_sites
-from ..train.validation import validate
 from .client import META_KEYS, SiteClient, SiteData
 from .server import Federation
-from .strategy import make_strategy, unflatten
+from .strategy import strategy_from_config, unflatten
 
 
 def federation_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -90,8 +90,7 @@ def global_checkpoint(cfg: DictConfig, shared: Mapping[str, Any], out: str | Pat
     name = next(iter(sites))
     template = SiteClient(cfg, sites[name].resolved(), 0).template(union)
     f = cfg.federate
-    fed = Federation(cfg, make_strategy(f.strategy, cfg.method, mu=float(f.mu),
-                                        share_projector=bool(f.share_projector), local=list(f.local)))
+    fed = Federation(cfg, strategy_from_config(f, cfg.method))
     fed.global_shared, fed.union = _tensors(shared), union
     fed.site_meta = {name: {k: template.meta[k] for k in META_KEYS if k in template.meta}}
     ck = fed.checkpoint()
@@ -105,7 +104,7 @@ class RaycxrClientAlgo(ClientAlgo):
     """A raycxr site as a MONAI FL ``ClientAlgo``.
 
     Args:
-        overrides: ``configs/federate.yaml`` overrides (method, sites, sizes, ``federate.*``).
+        overrides: ``raycxr/configs/federate.yaml`` overrides (method, sites, sizes, ``federate.*``).
         site: the catalogue site this client is; default: from the FL engine's client name.
     """
 
@@ -166,7 +165,7 @@ class RaycxrClientAlgo(ClientAlgo):
         batches = data_plane.val_batches()
         if current is None or batches is None:
             return ExchangeObject(metrics={"val_auc": 0.0, "val_images": 0})
-        res = validate(current[0], current[1], batches, data_plane.union.names)
+        res = validation_auc(current[0], current[1], batches, data_plane.union.names)
         return ExchangeObject(metrics={"val_auc": float(res["val_auc"] or 0.0), "val_images": res["val_images"]})
 
     def abort(self, extra: dict | None = None) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..sites.actor import NAMESPACE
+from ..ray.actor import NAMESPACE
+from ..ray.launch import init_ray
 from ..sites.config import SiteConfig
-from ..train.ray_launch import init_ray
 from .client import SiteClient
 
 

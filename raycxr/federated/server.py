@@ -7,7 +7,11 @@ least ``federate.min_clients``, seeded by the round, so a resumed run samples as
 (:class:`~raycxr.federated.client.SiteClient`, in this process or in a Ray actor per site) → the
 server audits every update (:func:`~raycxr.federated.client.audit_update`), leaves out the sites that
 failed, missed ``federate.deadline_s`` or sent something that is not model state, and aggregates the
-rest (:mod:`raycxr.federated.strategy`) when at least ``min_clients`` remain.
+rest (:mod:`raycxr.federated.strategy`) when at least ``min_clients`` remain. Updates with NaN/inf, or
+farther from the global model than ``federate.max_update_norm``, are refused; a site's sample count must
+be a positive integer and its weight is capped (``federate.max_weight_ratio``); ``federate.aggregator``
+chooses a mean, a trimmed mean or a median. With DP noise, every record states the ε spent so far at
+``federate.dp_delta`` (:mod:`raycxr.federated.privacy`).
 
 ``out`` holds, after every round:
 
@@ -39,10 +43,12 @@ from tqdm import tqdm
 
 from ..checkpoint import FILENAME, Checkpoint
 from ..labels import UnionLabelSpace
+from ..registry import import_plugins
 from ..sites.config import SiteConfig
 from ..train.local import select_sites
 from .client import SiteClient, audit_update
-from .strategy import FedAvg, flatten, make_strategy, state_bytes, unflatten, weighted_average
+from .privacy import epsilon
+from .strategy import FedAvg, flatten, state_bytes, strategy_from_config, unflatten, update_norm, weighted_average
 
 LOG = "federate.jsonl"
 SITE_PREFIX = "site:"
@@ -90,6 +96,23 @@ def _attempt(fn: Any) -> Any:
 
 def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def _sample_count(value: Any) -> int:
+    """A site's self-reported number of training images, refused unless a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 1:
+        raise ValueError("n_train is not a positive integer")
+    return int(value)
+
+
+def _epsilon(fed: Federation) -> float | None:
+    """The ε spent so far (rounds the most-sampled site took part in), ``None`` without DP noise."""
+    f = fed.cfg.federate
+    if not f.clip_norm or float(f.noise_multiplier) <= 0:
+        return None
+    rounds = max(fed.strategy.participation.values(), default=0)
+    return round(epsilon(float(f.noise_multiplier), rounds, float(f.dp_delta)), 4)
 
 
 def sample_sites(eligible: list[str], fraction: float, min_clients: int, seed: int, round_: int) -> list[str]:
@@ -240,13 +263,13 @@ def run_federate(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the federation in ``cfg.out`` up to ``cfg.rounds`` rounds; returns the round records
     and the global checkpoint's path."""
     if cfg.runner == "ray":
-        from ..train.ray_launch import absolute_paths
+        from ..ray.launch import absolute_paths
 
         absolute_paths(cfg)
     torch.set_num_threads(max(1, int(cfg.get("threads") or 1)))
+    import_plugins(cfg.get("plugins"))  # the method's class says which parameters stay at the sites
     f = cfg.federate
-    strategy = make_strategy(f.strategy, cfg.method, mu=float(f.mu), share_projector=bool(f.share_projector),
-                             local=list(f.local))
+    strategy = strategy_from_config(f, cfg.method)
     fed = Federation.resume(cfg, strategy)
     fed.out.mkdir(parents=True, exist_ok=True)
     (fed.out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -264,6 +287,10 @@ def run_federate(cfg: DictConfig) -> dict[str, Any]:
     finally:
         bar.close()
         clients.close()
+    eps = _epsilon(fed)
+    if eps is not None:
+        print(f"privacy: site-level (epsilon={eps}, delta={float(f.dp_delta):g}) after {fed.round} round(s) "
+              f"(clip_norm={f.clip_norm}, noise_multiplier={float(f.noise_multiplier)}; RDP accountant)")
     return {"history": fed.history, "checkpoint": str(fed.out / FILENAME)}
 
 
@@ -280,7 +307,11 @@ def run_round(fed: Federation, clients: Any) -> dict[str, Any]:
             if isinstance(info, BaseException):
                 failed[n] = _reason(info)
             else:
-                fed.samples[n] = int(info["n_train"])
+                try:
+                    fed.samples[n] = _sample_count(info.get("n_train"))
+                except ValueError as e:
+                    failed[n] = f"info refused: {e}"
+                    continue
                 fed.site_meta.setdefault(n, {})["label_names"] = list(info["label_names"])
     if fed.union is None:  # fixed at the first round, so shared heads keep their shape
         labels = {n: fed.site_meta[n]["label_names"] for n in sites if n in fed.samples}
@@ -308,6 +339,14 @@ def run_round(fed: Federation, clients: Any) -> dict[str, Any]:
             failed[n] = _reason(res)
             continue
         problems = audit_update(res, image_size=int(cfg.image_size), forbidden=forbidden.get(n, []))
+        if not problems and f.max_update_norm is not None:
+            try:
+                dist = update_norm(res["shared"], fed.global_shared)
+            except Exception as e:  # missing or mis-shaped tensors: not this model's update
+                problems.append(f"shared state does not match the global model ({type(e).__name__})")
+            else:
+                if dist > float(f.max_update_norm):
+                    problems.append(f"update norm {dist:.4g} is above federate.max_update_norm={f.max_update_norm}")
         if problems:
             failed[n] = "update refused: " + "; ".join(problems[:3])
         else:
@@ -329,10 +368,12 @@ def run_round(fed: Federation, clients: Any) -> dict[str, Any]:
               "site_metrics": {n: ok[n]["metrics"] for n in sorted(ok)},
               "bytes_down": int(down), "bytes_up": int(up), "bytes_up_shared": int(up_shared),
               "bytes_sent": int(down + up), "clip_norm": f.clip_norm, "noise_multiplier": float(f.noise_multiplier),
-              "mu": fed.strategy.mu, "seconds": round(time.perf_counter() - t0, 2)}
+              "mu": fed.strategy.mu, "aggregator": fed.strategy.aggregator,
+              "seconds": round(time.perf_counter() - t0, 2)}
     if failed:
         print(f"round {r}: left out {failed}")
     fed.round = r + 1
+    record["dp_epsilon"], record["dp_delta"] = _epsilon(fed), float(f.dp_delta)
     fed.history.append(record)
     fed.save()  # first: the log never runs ahead of the checkpoint (resume rewrites it from here)
     fed.log(record)

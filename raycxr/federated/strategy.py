@@ -2,19 +2,32 @@
 
 Everything here works on *flat* states: ``{"module/key": tensor}`` (``"model/encoder.backbone.conv1.weight"``,
 ``"teacher/projector.0.bias"``), the checkpoint's modules flattened, so that one pattern list says
-what stays at a site for every method:
+what stays at a site. Each method declares its list (:meth:`raycxr.methods.Method.local_parameters`):
 
 - Ark and the concurrent baseline keep each site's head (or objective) local, the EMA teacher local
   (Ark+, Extended Data Fig. 2), and the projector local unless ``federate.share_projector``;
 - UniChest shares the encoder, the shared query network (``query_networks.0``) and the text
   projection, and keeps its experts (``query_networks.1..K``), gate and SCL head at the site;
-- ``mixed`` / ``single`` / ``selfsup`` / a plug-in method share everything (the union head is over the
-  federation's union classes, the same shape at every site);
+- a method that declares nothing (the union-head baselines, label-free pretraining, a plug-in) shares
+  everything (the union head is over the federation's union classes, the same shape at every site);
 - FedPer adds the named groups of ``federate.local`` to the local ones.
 
 Strategies: :class:`FedAvg` (sample-weighted mean), :class:`FedProx` (FedAvg on the server plus the
 proximal term ``μ/2·||w - w_global||²`` in each site's loss, added as its gradient ``μ(w - w_global)``
 by an optimiser pre-step hook, so every method's own loop stays unchanged) and :class:`FedPer`.
+
+A site the server does not control can send anything, so aggregation is defensive (``federate.aggregator``):
+
+- every update is refused before aggregation when a floating tensor holds NaN or ±inf
+  (:func:`nonfinite_keys`), and, with ``federate.max_update_norm``, when its distance to the global
+  model is larger (the server's check, independent of the sites' own clipping);
+- a site's self-reported sample count is capped at ``federate.max_weight_ratio`` times the median of
+  the other sites' counts (:func:`capped_weights`), so a claimed ``n_train=1e9`` cannot own the average;
+- ``trimmed_mean`` drops the ``trim_fraction`` largest and smallest values of every coordinate before
+  averaging, ``median`` takes the coordinate-wise median (Yin et al. 2018, "Byzantine-robust
+  distributed learning: towards optimal statistical rates", §3; the same two are Flower's
+  ``FedTrimmedAvg`` / ``FedMedian`` and NVFLARE's robust aggregators). Both are unweighted by design:
+  a weight is a site's own claim.
 """
 
 from __future__ import annotations
@@ -29,21 +42,15 @@ import torch
 from torch import nn
 
 SEP = "/"
-# what stays at the site, per method (``module/key`` globs); a method not listed shares everything
-METHOD_LOCAL: dict[str, tuple[str, ...]] = {
-    "ark": ("model/heads.*", "model/objectives.*", "teacher/*"),
-    "concurrent": ("model/heads.*", "model/objectives.*"),
-    "unichest": ("model/query_networks.[1-9]*", "model/gate.*", "model/scl_head.*"),
-}
-PROJECTOR = ("model/projector.*", "teacher/projector.*")
 
 
-def local_patterns(method: str, *, share_projector: bool = True, extra: Sequence[str] = ()) -> tuple[str, ...]:
-    """The ``module/key`` patterns that never leave a site for ``method`` (plus FedPer's ``extra``)."""
-    pats = list(METHOD_LOCAL.get(method, ()))
-    if not share_projector and method in ("ark", "concurrent"):
-        pats += PROJECTOR
-    return tuple(pats) + tuple(extra)
+def local_patterns(method: str | type, *, share_projector: bool = True, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The ``module/key`` patterns that never leave a site for ``method`` (a registered name or a method
+    class; see :meth:`raycxr.methods.Method.local_parameters`), plus FedPer's ``extra``."""
+    from ..methods import get_method
+
+    cls = get_method(method) if isinstance(method, str) else method
+    return tuple(cls.local_parameters(share_projector=share_projector)) + tuple(extra)
 
 
 def flatten(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -97,6 +104,83 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     return out
 
 
+def nonfinite_keys(state: Mapping[str, Any]) -> list[str]:
+    """The keys of ``state`` whose floating tensor holds NaN or ±inf."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def capped_weights(samples: Mapping[str, float], max_ratio: float | None) -> dict[str, float]:
+    """Each site's aggregation weight: its sample count, capped at ``max_ratio`` times the median of the
+    *other* sites' counts (a site cannot raise the bar it is measured against). ``None``: no cap."""
+    out = {s: float(n) for s, n in samples.items()}
+    if max_ratio is None or len(out) < 2:
+        return out
+    for s, n in samples.items():
+        others = sorted(float(v) for k, v in samples.items() if k != s)
+        mid = len(others) // 2
+        median = others[mid] if len(others) % 2 else 0.5 * (others[mid - 1] + others[mid])
+        out[s] = min(float(n), float(max_ratio) * median)
+    return out
+
+
+def _coordinatewise(states: Sequence[Mapping[str, torch.Tensor]], reduce: Any) -> dict[str, torch.Tensor]:
+    """``reduce(values sorted along dim 0)`` key by key over the keys every state has; integer tensors
+    keep the largest value (as :func:`weighted_average`)."""
+    if not states:
+        raise ValueError("nothing to aggregate: no state")
+    keys = set(states[0]).intersection(*map(set, states[1:]))
+    out = {}
+    for key in sorted(keys):
+        ref = states[0][key]
+        stacked = torch.stack([s[key] for s in states])
+        if not ref.is_floating_point():
+            out[key] = stacked.max(0).values
+            continue
+        out[key] = reduce(stacked.double().sort(dim=0).values).to(ref.dtype)
+    return out
+
+
+def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], trim_fraction: float) -> dict[str, torch.Tensor]:
+    """Coordinate-wise trimmed mean: per coordinate, the ``floor(trim_fraction · n)`` largest and smallest
+    values are dropped and the rest averaged (unweighted). Integer tensors keep the largest value."""
+    if not 0.0 <= float(trim_fraction) < 0.5:
+        raise ValueError(f"federate.trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    n = len(states)
+    k = int(math.floor(float(trim_fraction) * n))
+    return _coordinatewise(states, lambda ordered: ordered[k:n - k].mean(0))
+
+
+def coordinate_median(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median (the mean of the two middle values for an even count). Integer tensors
+    keep the largest value."""
+    n, mid = len(states), len(states) // 2
+    return _coordinatewise(states, lambda ordered: ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid]))
+
+
+AGGREGATORS = ("mean", "trimmed_mean", "median")
+
+
+def robust_aggregate(states: Mapping[str, Mapping[str, torch.Tensor]], samples: Mapping[str, float], *,
+                     aggregator: str = "mean", trim_fraction: float = 0.1,
+                     max_weight_ratio: float | None = None) -> dict[str, torch.Tensor]:
+    """The round's new shared state from the sites' ``states`` by ``aggregator`` (see the module
+    docstring). Refuses a state with non-finite values: the server audits updates before this."""
+    sites = sorted(states)
+    for s in sites:
+        bad = nonfinite_keys(states[s])
+        if bad:
+            raise ValueError(f"site {s}: update has non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
+    if aggregator == "mean":
+        w = capped_weights({s: samples[s] for s in sites}, max_weight_ratio)
+        return weighted_average([states[s] for s in sites], [w[s] for s in sites])
+    if aggregator == "trimmed_mean":
+        return trimmed_mean([states[s] for s in sites], trim_fraction)
+    if aggregator == "median":
+        return coordinate_median([states[s] for s in sites])
+    raise ValueError(f"unknown federate.aggregator '{aggregator}'; expected one of {', '.join(AGGREGATORS)}")
+
+
 def update_norm(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of ``update - reference`` over the floating tensors."""
     sq = sum(float((update[k].double() - reference[k].double()).pow(2).sum())
@@ -111,6 +195,9 @@ def clip_and_noise(update: Mapping[str, torch.Tensor], reference: Mapping[str, t
     delta ``update - reference`` scaled to L2 norm at most ``clip_norm``, plus Gaussian noise of standard
     deviation ``noise_multiplier · clip_norm`` on every coordinate. Returns the released state and
     ``{"norm", "scale"}`` (the delta's norm before clipping and the factor applied)."""
+    bad = nonfinite_keys(update)
+    if bad:  # clipping cannot repair NaN/inf: scale·NaN is NaN, and the norm is NaN so the scale stays 1
+        raise ValueError(f"update has non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
     norm = update_norm(update, reference)
     if clip_norm is None:
         if noise_multiplier > 0:
@@ -158,11 +245,17 @@ class FedAvg:
 
     Args:
         local: ``module/key`` patterns that stay at the sites (never averaged, never sent down).
+        aggregator: ``mean`` (sample-weighted), ``trimmed_mean`` or ``median`` (see the module docstring).
+        trim_fraction: share of the largest and of the smallest values per coordinate ``trimmed_mean`` drops.
+        max_weight_ratio: a site's weight is capped at this multiple of the other sites' median count.
     """
 
     local: tuple[str, ...] = ()
     name: str = "fedavg"
     participation: dict[str, int] = field(default_factory=dict)  # rounds each site contributed to
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1
+    max_weight_ratio: float | None = 10.0
 
     @property
     def mu(self) -> float:
@@ -173,7 +266,9 @@ class FedAvg:
         sites = sorted(updates)
         for s in sites:
             self.participation[s] = self.participation.get(s, 0) + 1
-        return weighted_average([updates[s] for s in sites], [float(samples[s]) for s in sites])
+        return robust_aggregate({s: updates[s] for s in sites}, {s: float(samples[s]) for s in sites},
+                                aggregator=self.aggregator, trim_fraction=self.trim_fraction,
+                                max_weight_ratio=self.max_weight_ratio)
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "mu": self.mu, "local": list(self.local), "participation": dict(self.participation)}
@@ -216,15 +311,29 @@ class FedPer(FedAvg):
 
 
 def make_strategy(name: str, method: str, *, mu: float = 0.0, share_projector: bool = True,
-                  local: Sequence[str] = ()) -> FedAvg:
+                  local: Sequence[str] = (), aggregator: str = "mean", trim_fraction: float = 0.1,
+                  max_weight_ratio: float | None = 10.0) -> FedAvg:
     """``federate.strategy`` as a strategy object (``local`` only for ``fedper``)."""
+    if aggregator not in AGGREGATORS:
+        raise ValueError(f"unknown federate.aggregator '{aggregator}'; expected one of {', '.join(AGGREGATORS)}")
+    if not 0.0 <= float(trim_fraction) < 0.5:
+        raise ValueError(f"federate.trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    robust = {"aggregator": aggregator, "trim_fraction": float(trim_fraction),
+              "max_weight_ratio": None if max_weight_ratio is None else float(max_weight_ratio)}
     if name == "fedavg":
-        return FedAvg(local=local_patterns(method, share_projector=share_projector))
+        return FedAvg(local=local_patterns(method, share_projector=share_projector), **robust)
     if name == "fedprox":
-        return FedProx(local=local_patterns(method, share_projector=share_projector), mu_value=float(mu))
+        return FedProx(local=local_patterns(method, share_projector=share_projector), mu_value=float(mu), **robust)
     if name == "fedper":
         if not local:
             raise ValueError("federate.strategy=fedper needs federate.local: the parameter groups that stay at each "
                              "site, e.g. federate.local=[model/encoder.backbone.layer4.*]")
-        return FedPer(local=local_patterns(method, share_projector=share_projector, extra=local))
+        return FedPer(local=local_patterns(method, share_projector=share_projector, extra=local), **robust)
     raise ValueError(f"unknown federate.strategy '{name}'; expected fedavg, fedprox or fedper")
+
+
+def strategy_from_config(f: Any, method: str) -> FedAvg:
+    """The strategy the ``federate`` config section describes (one place, for the server and the FL engines)."""
+    return make_strategy(f.strategy, method, mu=float(f.mu), share_projector=bool(f.share_projector),
+                         local=list(f.local), aggregator=str(f.aggregator),
+                         trim_fraction=float(f.trim_fraction), max_weight_ratio=f.max_weight_ratio)

@@ -7,7 +7,7 @@
 - :mod:`.umif`: UmiF, every supervision (reports, labels, boxes / masks, none) in one ViT.
 
 A new method is one module with a :class:`~raycxr.methods.base.Method` subclass decorated with
-:func:`register_method`, plus its section in ``configs/pretrain.yaml`` (see CONTRIBUTING.md).
+:func:`register_method`, plus its section in ``raycxr/configs/pretrain.yaml`` (see CONTRIBUTING.md).
 """
 
 from . import ark, baselines, selfsup, umif, unichest  # noqa: F401  (registers the built-in methods)

@@ -1,6 +1,6 @@
 """Ark as a method: cyclic student-teacher pretraining with one head per site and an epoch-wise EMA teacher.
 
-Schedule: ``ark.rounds`` rounds; each round trains one epoch on every site in ``ark.order`` (REFERENCE
+Schedule: ``ark.rounds`` rounds; each round trains one epoch on every site in ``ark.order`` (references
 A.2). ``loss = (1-c)·sup + c·MSE(student_proj(v1), teacher_proj(v2))``, with the EMA momentum rising
 0.9 → 1 and the consistency weight c rising 0 → 0.5 on cosines over rounds × sites (A.3, A.4).
 
@@ -22,6 +22,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..checkpoint import Checkpoint
+from ..engine.device import autocast, device_of, limited, place
+from ..engine.schedule import adamw, batches_per_pass, fit_budget, set_epoch, steps_per_unit
 from ..labels import UnionLabelSpace
 from ..losses import ark_consistency_loss, cosine_schedule, ema_update, masked_bce_with_logits
 from ..models.ark import ArkModel, make_teacher, same_shapes
@@ -29,22 +31,7 @@ from ..models.classifiers import HeadsClassifier, TenCrop
 from ..models.factory import build_encoder, build_text_encoder
 from ..objectives import REPORT_OBJECTIVES, make_objective
 from ..sites.config import SiteConfig
-from .base import (
-    LossLog,
-    Method,
-    Pretrained,
-    Unit,
-    adamw,
-    autocast,
-    batches_per_pass,
-    check_resume,
-    device_of,
-    fit_budget,
-    limited,
-    place,
-    set_epoch,
-    steps_per_unit,
-)
+from .base import PROJECTOR_PARAMETERS, LossLog, Method, Pretrained, Unit, check_resume
 from .registry import register_method
 
 
@@ -77,7 +64,7 @@ def ark_site_epoch(student: ArkModel, teacher: ArkModel, site: str, loader: Iter
                    optimizer: torch.optim.Optimizer, *, consistency_weight: float, momentum: float,
                    ema_mode: str = "epoch", max_steps: int | None = None, on_step: Callable[[dict], None] | None = None,
                    text_encoder: nn.Module | None = None) -> dict[str, float]:
-    """One Ark task-epoch on one site (REFERENCE A.2–A.4).
+    """One Ark task-epoch on one site (references A.2–A.4).
 
     ``loss = (1-c)·sup + c·MSE(student_proj(v1), teacher_proj(v2))``; the teacher is updated by EMA at
     the end of the epoch (``ema_mode='epoch'``, Ark's default) or after every step (``'iteration'``).
@@ -224,6 +211,9 @@ class ArkMethod(Method):
     name = "ark"
     objectives = ("supervised", "clip", "simclr", "mocov2", "vicreg", "slip")
     unit_name = "site-epoch"
+    # each site's head (or objective) and the EMA teacher stay at the site (Ark+, Extended Data Fig. 2)
+    federated_local = ("model/heads.*", "model/objectives.*", "teacher/*")
+    federated_projector = PROJECTOR_PARAMETERS
 
     @classmethod
     def budget_overrides(cls, cfg: DictConfig, units: int, n_sites: int) -> list[str]:

@@ -11,6 +11,11 @@ A method is one class, registered by name (:func:`raycxr.methods.register_method
 - the classifier it is now (:meth:`Method.current_classifier`, scored for ``val_auc``) and what a
   finished run becomes (:meth:`Method.pretrained`): the classifier evaluation, export and the
   runtime use, plus any extra evaluation it offers (zero-shot, attention maps).
+- what the other commands need to know about it, so that no module outside ``raycxr/methods/`` names a
+  method: its ``raycxr tune`` grid and ranking (:attr:`Method.tune_space`, :meth:`Method.tune_grid`,
+  :attr:`Method.tune_ranked_stage`...), the parameters that stay at a site under ``raycxr federate``
+  (:meth:`Method.local_parameters`) and the evaluation it asks for by default
+  (:attr:`Method.segmentation_by_default`).
 
 The driver (:func:`raycxr.train.driver.run_schedule`) owns everything else: positions, the progress
 bar, metrics, validation, checkpoint files and resume. The data plane (local datasets or site
@@ -19,9 +24,8 @@ actors) is passed in, so the same method runs in one process, in Ray Train worke
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,9 +34,30 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..checkpoint import Checkpoint
+from ..engine.schedule import LRSchedule, attach_schedule, batches_per_pass, epoch_budget
 from ..models.classifiers import EmbeddingModel
 from ..models.encoders import ImageEncoder
 from ..sites.config import SiteConfig
+
+# the projector's parameters (Ark, concurrent), local under ``federate.share_projector=false``
+PROJECTOR_PARAMETERS = ("model/projector.*", "teacher/projector.*")
+
+
+@dataclass(frozen=True)
+class TuneKnob:
+    """One knob of a method's ``raycxr tune`` grid.
+
+    Args:
+        key: the pretraining config key a trial sets (``unichest.lam``).
+        grid: where the grid's values are in the tune config (``tune.lam``).
+        label: the heat-map axis label (default: the column name).
+        heading: the results table's column heading (default: the column name).
+    """
+
+    key: str
+    grid: str
+    label: str = ""
+    heading: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,7 +75,7 @@ class Method:
     """Base class of a pretraining method (subclass it and decorate with ``@register_method``).
 
     Args:
-        cfg: the pretraining config (``configs/pretrain.yaml`` with overrides); the method's own
+        cfg: the pretraining config (``raycxr/configs/pretrain.yaml`` with overrides); the method's own
             section is ``cfg[<name>]`` (or ``cfg[config_key]``).
         sites: the run's sites by name, in registration order.
         data: the data plane: ``union``, ``label_names``, ``union_loader()``, ``site_loaders()``,
@@ -61,17 +86,39 @@ class Method:
 
     name: ClassVar[str] = ""
     config_key: ClassVar[str | None] = None  # the config section; default: the name
-    # site objectives the method can train (``objective:`` in a site YAML); others are refused
-    objectives: ClassVar[tuple[str, ...]] = ("supervised",)
+    # site objectives the method can train (``objective:`` in a site YAML); others are refused. None: any
+    # registered one, plug-ins included (a method that does not train the site's own objective)
+    objectives: ClassVar[tuple[str, ...] | None] = ("supervised",)
     unit_name: ClassVar[str] = "epoch"  # progress-bar unit
     offers_zero_shot: ClassVar[bool] = False  # a finished run scores any class name (``Pretrained.zero_shot``)
+    display_name: ClassVar[str] = ""  # how reports name the method (default: its name)
+
+    # -- raycxr tune (an empty tune_space: the method offers no sweep) ------------------------------
+    # result column -> knob, in order: the first two are the heat-map's axes
+    tune_space: ClassVar[dict[str, TuneKnob]] = {}
+    # the stage whose epochs rank a trial (None: every epoch), and one whose best is listed for reference
+    tune_ranked_stage: ClassVar[str | None] = None
+    tune_reference_stage: ClassVar[str | None] = None
+    tune_metric: ClassVar[str] = ("best val mean AUC (the run's classifier) over the epochs a trial ran (ASHA may "
+                                  "stop a trial early).")
+
+    # -- raycxr federate -----------------------------------------------------------------------------
+    # ``module/key`` globs of the parameters that never leave a site (site heads, teacher, experts); the rest
+    # is averaged. Extra globs that stay local under ``federate.share_projector=false``.
+    federated_local: ClassVar[tuple[str, ...]] = ()
+    federated_projector: ClassVar[tuple[str, ...]] = ()
+
+    # -- raycxr eval ---------------------------------------------------------------------------------
+    # ``segmentation.enabled=auto`` runs the frozen-encoder segmentation (a method that learns from masks)
+    segmentation_by_default: ClassVar[bool] = False
 
     def __init__(self, cfg: DictConfig, sites: dict[str, SiteConfig], data: Any) -> None:
         self.cfg, self.sites, self.data = cfg, sites, data
         self.optimizer: Any = None
         self.lr_schedule: LRSchedule | None = None  # attach_schedule(): its step count is checkpointed
         self.run: Any = None  # the run folder (set by the driver): stage snapshots go there
-        bad = {n: s.objective for n, s in sites.items() if s.objective not in self.objectives}
+        bad = {n: s.objective for n, s in sites.items()
+               if self.objectives is not None and s.objective not in self.objectives}
         if bad:
             raise ValueError(f"method '{self.name}' cannot train site objective(s) {bad}: it supports "
                              f"{list(self.objectives)} (set the site's `objective:` or use another method)")
@@ -166,6 +213,28 @@ class Method:
         return epoch_budget(cls, cfg, steps, batches_per_pass(sum(train_sizes.values()), int(cfg.batch_size)),
                             len(train_sizes))
 
+    # -- raycxr tune ------------------------------------------------------------------------------------
+    @classmethod
+    def tune_grid(cls, grid: dict[str, list]) -> dict[str, list]:
+        """The sweep's values (``{column: values}`` from the tune config) checked and typed; default: as given."""
+        return grid
+
+    @classmethod
+    def tune_epochs(cls, cfg: DictConfig) -> int:
+        """The epochs one trial trains (ASHA's ``max_t``); default ``<section>.epochs``."""
+        return int(cfg[cls.config_key or cls.name].epochs)
+
+    @classmethod
+    def tune_first_rung(cls, cfg: DictConfig) -> int:
+        """ASHA's default grace period: the first epoch at which the swept knobs can have acted (default 1)."""
+        return 1
+
+    # -- raycxr federate --------------------------------------------------------------------------------
+    @classmethod
+    def local_parameters(cls, share_projector: bool = True) -> tuple[str, ...]:
+        """The ``module/key`` globs that never leave a site in a federation (FedPer's groups come on top)."""
+        return cls.federated_local + (() if share_projector else cls.federated_projector)
+
     # -- a finished run ----------------------------------------------------------------------------
     @classmethod
     def pretrained(cls, ckpt: Checkpoint, cfg: DictConfig) -> Pretrained:
@@ -230,181 +299,6 @@ class LossLog:
         return {k: v / max(self.n, 1) for k, v in self.sums.items()} | {"steps": self.n, "images": self.images}
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors of a collated batch on ``device`` (lists such as image ids stay as they are). To a GPU the
-    tensors go through pinned memory, so the copy is asynchronous (``non_blocking``) and overlaps the
-    work already queued on the device."""
-    if device.type == "cpu":
-        return batch
-    pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin and v.device.type == "cpu" and not v.is_pinned() else v)
-            .to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def autocast(model: nn.Module) -> torch.autocast:
-    """Mixed precision as the runner set it on the model (``model.amp_dtype``, e.g. bf16 on GPU);
-    off when unset. bf16 keeps fp32's range, so no gradient scaler is needed."""
-    dtype = getattr(model, "amp_dtype", None)
-    return torch.autocast(device_type=device_of(model).type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def limited(loader: Iterable, max_steps: int | None, device: torch.device | None = None) -> Iterable:
-    """At most ``max_steps`` batches of ``loader`` (on ``device``); fully quarantined batches are skipped."""
-    for i, batch in enumerate(loader):
-        if max_steps is not None and i >= max_steps:
-            return
-        if batch is not None:
-            yield batch if device is None else to_device(batch, device)
-
-
-class LRSchedule:
-    """A per-step learning-rate schedule on an optimiser: linear warm-up, then cosine to ``min_lr`` (or
-    constant), stepped by an optimiser post-hook so the loops stay unchanged.
-
-    Args:
-        optimizer: the optimiser (its groups' current ``lr`` are the peak rates).
-        total_steps: the optimiser steps the schedule spans.
-        kind: ``cosine`` or ``constant`` (after the warm-up).
-        warmup: warm-up steps; a value below 1 is a fraction of ``total_steps``.
-        min_lr: where the cosine ends.
-        step: steps already taken (a resumed run continues the curve).
-    """
-
-    def __init__(self, optimizer: Any, total_steps: int, *, kind: str = "cosine", warmup: float = 0.05,
-                 min_lr: float = 1e-6, step: int = 0) -> None:
-        if kind not in ("cosine", "constant"):
-            raise ValueError(f"schedule.kind must be cosine or constant, got '{kind}'")
-        inner = getattr(optimizer, "optimizer", optimizer)  # through GradAllReduce / DDP wrappers
-        self.groups = inner.param_groups
-        self.base = [g.get("initial_lr", g["lr"]) for g in self.groups]
-        for g, b in zip(self.groups, self.base):
-            g["initial_lr"] = b
-        self.total = max(1, int(total_steps))
-        self.warm = int(round(warmup * self.total)) if 0 < warmup < 1 else int(warmup)
-        self.kind, self.min_lr, self.step = kind, float(min_lr), int(step)
-        self._apply()
-        inner.register_step_post_hook(lambda *_: self._advance())
-
-    def lr(self, step: int, base: float) -> float:
-        if self.warm and step < self.warm:
-            return base * (step + 1) / self.warm
-        if self.kind == "constant":
-            return base
-        t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
-        return self.min_lr + 0.5 * (base - self.min_lr) * (1 + math.cos(math.pi * t))
-
-    def _apply(self) -> None:
-        for g, b in zip(self.groups, self.base):
-            g["lr"] = self.lr(self.step, b)
-
-    def _advance(self) -> None:
-        self.step += 1
-        self._apply()
-
-
-def batches_per_pass(n_images: int, batch_size: int) -> int:
-    """Optimiser steps of one shuffled pass over ``n_images`` (the loaders drop the last partial batch)."""
-    return max(1, int(n_images) // max(int(batch_size), 1))
-
-
-def smallest_cap(steps: int, passes: int, per_pass: list[int]) -> int:
-    """The smallest ``max_steps_per_epoch`` with which ``passes`` rounds over loaders of ``per_pass`` steps
-    each reach ``steps`` (their full length when they cannot)."""
-    for cap in range(1, max(per_pass) + 1):
-        if passes * sum(min(p, cap) for p in per_pass) >= steps:
-            return cap
-    return max(per_pass)
-
-
-def fit_budget(cfg: DictConfig, steps: int, per_pass: list[int]) -> tuple[int, int]:
-    """Rounds over loaders of ``per_pass`` steps each (every one at most ``max_steps_per_epoch``): as many
-    rounds as ``steps`` needs, and the ``max_steps_per_epoch`` that then makes them add up to it rather
-    than overshoot by most of a round. Returns (rounds, cap)."""
-    cap = cfg.get("max_steps_per_epoch")
-    per_pass = [min(p, int(cap)) for p in per_pass] if cap else list(per_pass)
-    rounds = max(1, math.ceil(int(steps) / sum(per_pass)))
-    return rounds, smallest_cap(steps, rounds, per_pass)
-
-
-def epoch_budget(method: type, cfg: DictConfig, steps: int, per_pass: int, n_sites: int) -> list[str]:
-    """Units of one pass of ``per_pass`` steps each, fitted to ``steps`` (:func:`fit_budget`)."""
-    units, cap = fit_budget(cfg, steps, [per_pass])
-    return [*method.budget_overrides(cfg, units, n_sites), f"max_steps_per_epoch={cap}"]
-
-
-def steps_per_unit(loader: Any, cfg: DictConfig) -> int:
-    """Optimiser steps one pass over ``loader`` takes under ``max_steps_per_epoch``."""
-    cap = cfg.get("max_steps_per_epoch")
-    return min(len(loader), int(cap)) if cap else len(loader)
-
-
-def attach_schedule(optimizer: Any, cfg: DictConfig, total_steps: int, step: int = 0) -> LRSchedule | None:
-    """The run's ``schedule`` section on ``optimizer`` (None: ``kind: none``, a constant rate)."""
-    s = cfg.get("schedule") or {}
-    if s.get("kind", "none") == "none":
-        return None
-    return LRSchedule(optimizer, total_steps, kind=s.kind, warmup=float(s.warmup), min_lr=float(s.min_lr), step=step)
-
-
-def set_epoch(loader: Any, epoch: int) -> None:
-    """Seed a loader's order by the schedule position, so a resumed run sees the data in the order an
-    uninterrupted run would (the local loaders and the site-actor streams both offer ``set_epoch``)."""
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(int(epoch))
-
-
-def adamw(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW without decay on biases and other 1-D parameters (REFERENCE U.6)."""
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-
-def resolve_device(cfg: DictConfig) -> torch.device:
-    """``device: auto`` is the GPU when there is one (a Ray Train worker sets its own), else the CPU."""
-    d = str(cfg.get("device") or "auto")
-    return torch.device("cuda" if d == "auto" and torch.cuda.is_available() else "cpu" if d == "auto" else d)
-
-
-def place(cfg: DictConfig, *modules: nn.Module | None) -> torch.device:
-    """Move the run's modules to its device and set their mixed precision (``model.amp_dtype``, read by
-    the loops): ``precision: auto`` is bf16 autocast on a GPU and fp32 on the CPU. ``channels_last: auto``
-    puts the weights in NHWC on a GPU; ``compile: default`` (or another ``torch.compile`` mode) compiles each
-    module's encoder in place."""
-    device = resolve_device(cfg)
-    precision = str(cfg.get("precision") or "auto")
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got '{precision}'")
-    amp = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
-    cl = str(cfg.get("channels_last") or "auto").lower()
-    channels_last = cl == "true" or (cl == "auto" and device.type == "cuda")
-    compile_mode = str(cfg.get("compile") or "off").lower()
-    for m in modules:
-        if m is not None:
-            # channels_last: the layout cuDNN's convolutions and tensor cores run fastest in (NHWC)
-            if channels_last:
-                m.to(device, memory_format=torch.channels_last)
-            else:
-                m.to(device)
-            m.amp_dtype = amp
-            if compile_mode not in ("off", "false"):
-                # in place (nn.Module.compile), on the encoder the loops call, so the model's own methods
-                # stay reachable; a deep copy made later (Ark's teacher) is not compiled
-                getattr(m, "encoder", m).compile(mode=None if compile_mode in ("true", "default") else compile_mode)
-    return device
-
-
 def check_resume(ckpt: Checkpoint, method: str) -> None:
     if ckpt.method != method:
         raise ValueError(f"cannot resume a '{ckpt.method}' checkpoint ({ckpt.source}) as '{method}'")
-
-
-def clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of a state dict: ``state_dict()`` tensors are the live weights, which keep training."""
-    return {k: v.detach().clone() for k, v in state.items()}

@@ -19,26 +19,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..checkpoint import Checkpoint
+from ..engine.device import autocast, device_of, limited, place
+from ..engine.schedule import adamw, batches_per_pass, epoch_budget, set_epoch, steps_per_unit
 from ..losses import masked_bce_with_logits
 from ..models.classifiers import Probabilities
 from ..models.factory import LinearClassifier, build_encoder
 from .ark import build_heads_model, heads_classifier, heads_meta, load_kept_heads, pretrained_heads_model, site_loss
-from .base import (
-    LossLog,
-    Method,
-    Pretrained,
-    Unit,
-    adamw,
-    autocast,
-    batches_per_pass,
-    check_resume,
-    device_of,
-    epoch_budget,
-    limited,
-    place,
-    set_epoch,
-    steps_per_unit,
-)
+from .base import PROJECTOR_PARAMETERS, LossLog, Method, Pretrained, Unit, check_resume
 from .registry import register_method
 
 
@@ -118,6 +105,8 @@ class ConcurrentMethod(_Epochs):
     name = "concurrent"
     # no teacher, hence no momentum encoder for MoCo v2
     objectives = ("supervised", "clip", "simclr", "vicreg", "slip")
+    federated_local = ("model/heads.*", "model/objectives.*")  # each site's head (or objective) stays at the site
+    federated_projector = PROJECTOR_PARAMETERS
 
     @classmethod
     def budget_overrides(cls, cfg: DictConfig, units: int, n_sites: int) -> list[str]:

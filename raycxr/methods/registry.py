@@ -7,20 +7,23 @@
 
 ``raycxr pretrain method=mine`` then finds it. A method that lives outside raycxr is made known by
 naming its module in the config (``plugins: [my_package.my_method]``): every process that looks a
-method up (the driver, Ray Train workers, Tune trials) imports those modules first.
+method up (the driver, Ray Train workers, Tune trials) imports those modules first; or by an entry point
+of an installed package (group ``raycxr.plugins``; see :mod:`raycxr.registry`).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..registry import Registry, import_plugins
 
 if TYPE_CHECKING:
     from .base import Method, Pretrained
 
-_METHODS: dict[str, type[Method]] = {}
+METHOD_REGISTRY: Registry[type[Method]] = Registry("method")
+
+__all__ = ["METHOD_REGISTRY", "get_method", "import_plugins", "list_methods", "load_pretrained", "register_method"]
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -28,42 +31,30 @@ def register_method(cls: type[Method]) -> type[Method]:
     name = getattr(cls, "name", "")
     if not name:
         raise ValueError(f"{cls.__qualname__} has no `name`; set it to the value of `method=` that selects it")
-    old = _METHODS.get(name)
-    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(f"method '{name}' is already registered by {old.__module__}.{old.__qualname__}")
-    _METHODS[name] = cls
-    return cls
-
-
-def import_plugins(modules: Iterable[str] | None) -> None:
-    """Import the modules that register methods or objectives outside raycxr (config ``plugins``)."""
-    for mod in modules or ():
-        try:
-            importlib.import_module(str(mod))
-        except ImportError as e:
-            raise ValueError(f"plugin module '{mod}' cannot be imported: {e}") from None
+    return METHOD_REGISTRY.register(name, cls)
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return sorted(METHOD_REGISTRY.names())
 
 
 def get_method(name: str) -> type[Method]:
     """The registered method class; an unknown name lists the registered ones."""
-    if name not in _METHODS:
+    if name not in METHOD_REGISTRY:
         raise ValueError(f"unknown method '{name}'; registered: {list_methods()}")
-    return _METHODS[name]
+    return METHOD_REGISTRY.entries[name]
 
 
 def load_pretrained(run: str | Path | Any, *, text_model_dir: str | None = None) -> Pretrained:
-    """A run folder, ``checkpoint.pt`` or :class:`~raycxr.checkpoint.Checkpoint` as a :class:`Pretrained`
-    (the classifier that evaluation scores, export writes and the runtime runs)."""
+    """A run folder (its ``best.pt``, the unit with the best val AUC, where it has one, else its
+    ``checkpoint.pt``), a checkpoint file or :class:`~raycxr.checkpoint.Checkpoint` as a
+    :class:`Pretrained` (the classifier that evaluation scores, export writes and the runtime runs)."""
     from omegaconf import OmegaConf
 
     from ..checkpoint import Checkpoint
 
     ckpt = run if isinstance(run, Checkpoint) else (Checkpoint.from_dict(run) if isinstance(run, dict)
-                                                      else Checkpoint.load(run))
+                                                      else Checkpoint.load(run, best=True))
     cfg = OmegaConf.create(ckpt.config)
     if text_model_dir:
         cfg.text.model_dir = text_model_dir

@@ -1,7 +1,7 @@
 """Self-supervised and image-report pretraining without labels: SimCLR, MoCo v2, VICReg, CLIP, SLIP.
 
 ``method=selfsup selfsup.objective=simclr`` trains the encoder with one objective on the images of
-every site (labels are never read), the strategies that ``reports_vs_ssl.txt`` compares:
+every site (labels are never read), the strategies that ``Huang et al. (MIDL 2023)`` compares:
 
 - ``simclr``, ``vicreg``: two augmented views of each image;
 - ``mocov2``: queries from the encoder, keys from a momentum copy of it (EMA, ``selfsup.momentum``);
@@ -24,23 +24,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..checkpoint import Checkpoint
+from ..engine.device import autocast, device_of, limited, place
+from ..engine.schedule import adamw, set_epoch, steps_per_unit
 from ..losses import ema_update
 from ..models.factory import build_encoder, build_text_encoder
-from ..objectives import REPORT_OBJECTIVES, list_objectives, make_objective
-from .base import (
-    LossLog,
-    Method,
-    Pretrained,
-    Unit,
-    adamw,
-    autocast,
-    check_resume,
-    device_of,
-    limited,
-    place,
-    set_epoch,
-    steps_per_unit,
-)
+from ..objectives import REPORT_OBJECTIVES, make_objective
+from .base import LossLog, Method, Pretrained, Unit, check_resume
 from .registry import register_method
 
 
@@ -96,7 +85,7 @@ class SelfSupMethod(Method):
     """Label-free pretraining with one objective (``method=selfsup``; knobs in ``selfsup:``)."""
 
     name = "selfsup"
-    objectives = list_objectives()  # a site's own objective is not used: every site trains the same one
+    objectives = None  # a site's own objective is not used: every site trains the same one
 
     def setup(self, resume: Checkpoint | None) -> int:
         s = self.section

@@ -33,25 +33,12 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..dataset import sample_pairs
+from ..engine.device import autocast, device_of, limited, place, to_device
+from ..engine.schedule import adamw, set_epoch, steps_per_unit
 from ..losses import byol_consistency_loss, ema_update, umif_alignment_loss
 from ..models.factory import build_text_encoder
 from ..models.umif import UmiF, UmiFImageEncoder, sample_ratios, scheduled_p
-from ..objectives import list_objectives
-from .base import (
-    LossLog,
-    Method,
-    Pretrained,
-    Unit,
-    adamw,
-    autocast,
-    check_resume,
-    device_of,
-    limited,
-    place,
-    set_epoch,
-    steps_per_unit,
-    to_device,
-)
+from .base import LossLog, Method, Pretrained, TuneKnob, Unit, check_resume
 from .registry import register_method
 
 PROMPT = "Chest X-ray showing {}."  # own wording (the paper's templates are in its appendix A.3)
@@ -200,8 +187,23 @@ class UmiFMethod(Method):
     """UmiF (``method=umif``; knobs in ``umif:``)."""
 
     name = "umif"
-    objectives = list_objectives()  # every site takes part with whatever supervision its manifest has
+    objectives = None  # every site takes part with whatever supervision its manifest has, whatever its objective
     offers_zero_shot = True
+    # the grouping, the temperature and the r schedule
+    tune_space = {"p": TuneKnob("umif.p", "tune.umif.p", "p (P(r = 1))"),
+                  "tau": TuneKnob("umif.tau", "tune.umif.tau", "τ (alignment temperature)"),
+                  "p_end": TuneKnob("umif.p_end", "tune.umif.p_end", "p_end (r schedule)")}
+    segmentation_by_default = True  # it learns from localisation (image-segment pairs): eval checks what it gave
+
+    @classmethod
+    def tune_grid(cls, grid: dict[str, list]) -> dict[str, list]:
+        grid = {col: [None if x is None else float(x) for x in vals] for col, vals in grid.items()}
+        for col in ("p", "p_end"):
+            if any(x is not None and not 0.0 <= x <= 1.0 for x in grid[col]):
+                raise ValueError(f"tune.umif.{col}: must be in [0, 1], got {grid[col]}")
+        if any(x is None or x <= 0 for x in grid["tau"]):
+            raise ValueError(f"tune.umif.tau: τ must be > 0, got {grid['tau']}")
+        return grid
 
     def setup(self, resume: Checkpoint | None) -> int:
         s = self.section

@@ -1,7 +1,7 @@
 """UniChest as a method: conquer (shared query network) then divide (mixture of query-network experts).
 
 Schedule: ``unichest.conquer_epochs`` conquer epochs, then ``unichest.divide_epochs`` divide epochs
-(REFERENCE U.7). Divide starts from the conquer epoch with the best val mean AUC (``conquer.pt``,
+(references U.7). Divide starts from the conquer epoch with the best val mean AUC (``conquer.pt``,
 ``unichest.divide_from: best``). The model is :class:`raycxr.models.unichest.UniChest`; the text
 tower is frozen and only its projection (``mlp_embed``) is stored in checkpoints (``text_head``).
 A finished run is the query networks of its last stage on the training sites' union class names,
@@ -23,27 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..checkpoint import Checkpoint
+from ..engine.device import autocast, clone_state, device_of, limited, place, to_device
+from ..engine.schedule import adamw, set_epoch, steps_per_unit
 from ..losses import asymmetric_loss, image_text_contrastive_loss, source_contrastive_loss
 from ..models.classifiers import UniChestClassifier
 from ..models.factory import build_encoder, build_text_encoder
 from ..models.unichest import UniChest
 from ..transforms import cross_site_fourier_mix
-from .base import (
-    LossLog,
-    Method,
-    Pretrained,
-    Unit,
-    adamw,
-    autocast,
-    check_resume,
-    clone_state,
-    device_of,
-    limited,
-    place,
-    set_epoch,
-    steps_per_unit,
-    to_device,
-)
+from .base import LossLog, Method, Pretrained, TuneKnob, Unit, check_resume
 from .registry import register_method
 
 STAGES = ("conquer", "divide")
@@ -51,7 +38,7 @@ STAGES = ("conquer", "divide")
 
 @dataclass
 class UniChestLossConfig:
-    """Loss settings; defaults are the authors' (REFERENCE U.4)."""
+    """Loss settings; defaults are the authors' (references U.4)."""
 
     gamma_neg: float = 6.0
     gamma_pos: float = 0.0
@@ -88,7 +75,7 @@ def unichest_epoch(model: UniChest, text_encoder: nn.Module, class_names: Sequen
                    optimizer: torch.optim.Optimizer, *, stage: str, cfg: UniChestLossConfig | None = None,
                    max_steps: int | None = None, generator: torch.Generator | None = None,
                    on_step: Callable[[dict], None] | None = None) -> dict[str, float]:
-    """One UniChest epoch in ``stage`` conquer or divide (REFERENCE U.4, U.5, U.7).
+    """One UniChest epoch in ``stage`` conquer or divide (references U.4, U.5, U.7).
 
     ``L = ASL(img) + ASL(text) + w_itc·ITC(pooled, text) + [divide] w_scl·(SCL(img) + SCL(text))``.
     Class queries are re-encoded every step, as the authors do, because the text projection trains.
@@ -168,8 +155,36 @@ class UniChestMethod(Method):
     """UniChest conquer-and-divide (``method=unichest``; knobs in ``unichest:``)."""
 
     name = "unichest"
+    display_name = "UniChest"
     objectives = ("supervised", "clip")
     offers_zero_shot = True
+    tune_space = {"lam": TuneKnob("unichest.lam", "tune.lam", "λ (shared-network weight)", "λ"),
+                  "K": TuneKnob("unichest.n_experts", "tune.n_experts", "K (query networks)", "K"),
+                  "lr": TuneKnob("unichest.lr", "tune.lr", "lr", "lr")}
+    # λ and K act only in divide: trials are ranked there; conquer's spread is the run-to-run noise
+    tune_ranked_stage, tune_reference_stage = "divide", "conquer"
+    tune_metric = ("best val mean AUC over the divide epochs a trial ran (λ and K act only in divide; ASHA may stop "
+                   "a trial early). The best conquer epoch is listed for reference: its spread between trials is the "
+                   "run-to-run noise.")
+    # the encoder, the shared query network (query_networks.0) and the text projection are averaged
+    federated_local = ("model/query_networks.[1-9]*", "model/gate.*", "model/scl_head.*")
+
+    @classmethod
+    def tune_grid(cls, grid: dict[str, list]) -> dict[str, list]:
+        grid = {"lam": [float(x) for x in grid["lam"]], "K": [int(x) for x in grid["K"]],
+                "lr": [float(x) for x in grid["lr"]]}
+        if any(not 0.0 <= lam <= 1.0 for lam in grid["lam"]):
+            raise ValueError(f"tune.lam: λ must be in [0, 1], got {grid['lam']}")
+        return grid
+
+    @classmethod
+    def tune_epochs(cls, cfg: DictConfig) -> int:
+        return int(cfg.unichest.conquer_epochs) + int(cfg.unichest.divide_epochs)
+
+    @classmethod
+    def tune_first_rung(cls, cfg: DictConfig) -> int:
+        """The first divide epoch: conquer epochs of trials that differ in λ and K differ by initialisation noise."""
+        return int(cfg.unichest.conquer_epochs) + 1
 
     @classmethod
     def budget_overrides(cls, cfg: DictConfig, units: int, n_sites: int) -> list[str]:
@@ -211,8 +226,12 @@ class UniChestMethod(Method):
         if self.opt_stage == unit.stage:
             return
         u = self.section
-        if unit.stage == "divide" and position == u.conquer_epochs and u.get("divide_from", "best") == "best":
-            self._load_best_conquer()
+        if unit.stage == "divide" and position == u.conquer_epochs:
+            if u.divide_from == "best":
+                self._load_best_conquer()
+            if u.expert_init == "copy":  # at the switch only: a divide resumed later keeps its trained experts
+                self.model.copy_shared_to_experts()
+                print("divide: experts start as copies of the shared query network, gate uniform")
         self.model.set_stage(unit.stage)
         r = self.resume
         n_stage = sum(1 for x in self.schedule if x.stage == unit.stage)
@@ -223,7 +242,7 @@ class UniChestMethod(Method):
 
     def _load_best_conquer(self) -> None:
         """Divide starts from the conquer epoch with the best val mean AUC, not simply the last one. The
-        authors select by ChestX-ray14's val AUC (REFERENCE U.6); deliberate difference: here the val
+        authors select by ChestX-ray14's val AUC (references U.6); deliberate difference: here the val
         split of every training site counts, since no site is privileged."""
         state = self.best_state
         snapshot = self.run.out / "conquer.pt" if self.run is not None else None

@@ -1,6 +1,6 @@
 """Ark: one shared encoder, a projector, and one task head per site over the site's own labels.
 
-As in the authors' code (``shared/REFERENCE.md`` A.1, A.3):
+As in the authors' code (``docs/references.md`` A.1, A.3):
 
 - ``forward(x, site)`` returns ``(projection (B, P), logits of that site's head)``;
 - the projector is ``Linear(width, P)`` or, with ``mlp_projector``, ``Linear → ReLU → Linear``;

@@ -71,7 +71,7 @@ class HeadsClassifier(nn.Module):
 
 
 class TenCrop(nn.Module):
-    """Test-time averaging over ten crops (Ark's test transform, REFERENCE A.5): the image enlarged by
+    """Test-time averaging over ten crops (Ark's test transform, references A.5): the image enlarged by
     ``scale`` (256/224), its four corners and its centre at the original size, each also mirrored; the
     output is the mean of the ten probability vectors.
 

@@ -55,7 +55,8 @@ class ImageEncoder(nn.Module):
     """A timm backbone that returns ``(pooled, tokens)`` for one-channel radiographs."""
 
     def __init__(self, name: str = "resnet18", *, embed_dim: int | None = None, checkpoint: str | Path | None = None,
-                 drop_path_rate: float | None = None, img_size: int | None = None, norm: str | None = None) -> None:
+                 drop_path_rate: float | None = None, img_size: int | None = None, norm: str | None = None,
+                 patch_size: int | None = None) -> None:
         super().__init__()
         kw: dict = {}
         if drop_path_rate is not None:
@@ -64,6 +65,10 @@ class ImageEncoder(nn.Module):
             kw["norm_layer"] = norm_layer(norm, name)
         if img_size is not None and ("vit" in name or "swin" in name):
             kw["img_size"] = img_size
+        if patch_size is not None:
+            if "vit" not in name:
+                raise ValueError(f"encoder.patch_size is for ViT backbones; '{name}' has no patches")
+            kw["patch_size"] = int(patch_size)  # the patch embedding is built for it (no pretrained weights here)
         try:
             # pretrained=False: no hub downloads at run time; weights come from `checkpoint`
             self.backbone = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=1, **kw)

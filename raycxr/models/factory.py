@@ -16,7 +16,8 @@ def build_encoder(cfg: Any, *, checkpoint: bool = True) -> ImageEncoder:
     ``checkpoint=False`` ignores ``encoder.checkpoint`` (a finished run's weights replace it anyway)."""
     e = cfg.encoder
     return ImageEncoder(e.name, embed_dim=e.get("embed_dim"), checkpoint=e.get("checkpoint") if checkpoint else None,
-                        img_size=cfg.transforms.size, drop_path_rate=e.get("drop_path_rate"), norm=e.get("norm"))
+                        img_size=cfg.transforms.size, drop_path_rate=e.get("drop_path_rate"), norm=e.get("norm"),
+                        patch_size=e.get("patch_size"))
 
 
 def build_text_encoder(cfg: Any, dim: int) -> nn.Module:
@@ -26,8 +27,7 @@ def build_text_encoder(cfg: Any, dim: int) -> nn.Module:
     t = cfg.text
     model_dir = t.model_dir or text_model_dir(t.kind)
     return TextEncoder(model_dir, embed_dim=dim, max_length=t.max_length, freeze=True,
-                       cache_size=int(t.get("cache_size", 100_000) or 0),
-                       train_projection=bool(t.get("train_projection", True)))
+                       cache_size=int(t.cache_size or 0), train_projection=bool(t.train_projection))
 
 
 class LinearClassifier(nn.Module):

@@ -125,10 +125,11 @@ class SegmentationModel(nn.Module):
 
     @classmethod
     def from_run(cls, run: str | Path, n_classes: int = 1, **kwargs: Any) -> SegmentationModel:
-        """Build the model on a pretraining run's encoder (a run folder or its ``checkpoint.pt``).
+        """Build the model on a pretraining run's encoder (a run folder, whose ``best.pt`` is used where
+        it has one, or a checkpoint file).
 
         ``kwargs`` go to the constructor; ``img_size`` defaults to the run's ``image_size``."""
-        ckpt = Checkpoint.load(run)
+        ckpt = Checkpoint.load(run, best=True)
         kwargs.setdefault("img_size", ckpt.image_size)
         model = cls(ckpt.encoder_name, n_classes, **kwargs)
         model.load_encoder_state(ckpt.encoder_state(), source=ckpt.source)

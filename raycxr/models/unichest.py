@@ -1,6 +1,6 @@
 """UniChest: conquer (shared query network) then divide (mixture of query-network experts).
 
-Follows the authors' code as summarised in ``shared/REFERENCE.md`` (U.3):
+Follows the authors' code as summarised in ``docs/references.md`` (U.3):
 
 - A query network is a pre-norm transformer decoder (4 layers, 4 heads, FFN 1024, dropout 0.1, no
   positional encodings). Queries are the text embeddings of class names; keys/values are the image
@@ -117,6 +117,18 @@ class UniChest(nn.Module):
     @property
     def n_experts(self) -> int:
         return len(self.query_networks)
+
+    @torch.no_grad()
+    def copy_shared_to_experts(self) -> None:
+        """Start every expert as a copy of the trained shared query network and the gate uniform, so that
+        divide's first forward is exactly conquer's output (Eq. 5 with equal experts is σ(s1) when the
+        two weights sum to 1) and divide can only move from there. The authors start divide from random
+        experts (references U.7), which halves what conquer learned at the switch; ``unichest.expert_init``."""
+        shared = self.query_networks[0].state_dict()
+        for qn in self.query_networks[1:]:
+            qn.load_state_dict(shared)
+        self.gate.weight.zero_()
+        self.gate.bias.zero_()
 
     def set_stage(self, stage: str) -> None:
         """``divide`` freezes the image encoder (UniChest U.7); the query networks, gate and SCL head train."""

@@ -7,6 +7,7 @@ Example (``sites/nih.yaml``)::
                                  # generic_csv, folder (see `raycxr sites adapters`)
     root: demo/nih               # relative paths are resolved against `data_root`
     manifest: manifest.parquet   # relative to root; where `sites build` writes and readers read
+                                 # (default: <name>.manifest.parquet, so sites may share a root)
     adapter_options: {}          # passed to the adapter (table paths, column names, ...)
     labels: {uncertain_policy: ignore}
     head: {kind: linear}         # the site's task head (Ark, concurrent): linear, or {kind: mlp, hidden: 256}
@@ -19,6 +20,7 @@ Every key is checked on load; a problem names the file and the key.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,11 @@ _HEAD_KEYS = {"kind", "hidden"}
 _LABEL_KEYS = {"uncertain_policy"}
 _PLACEMENT_KEYS = {"label_selector", "resources"}
 HEAD_KINDS = ("linear", "mlp")
+# A node whose copy of the data lives elsewhere than the driver's ``sites.data_root`` says where, for the site
+# actors it runs (set it in the environment of ``ray start`` on that node): relative site roots resolve against it.
+DATA_ROOT_ENV = "RAYCXR_DATA_ROOT"
 # UmiF's pair types (raycxr.dataset.site_pair_types infers them from a manifest; a site YAML may narrow them)
+LEGACY_MANIFEST = "manifest.parquet"  # the shared default name before per-site manifests
 PAIR_TYPES = ("image-report", "image-class", "image-segment", "image-only")
 
 
@@ -60,6 +66,8 @@ class SiteConfig:
     quarantine_path: Path | None = None
     replicas: int | str | dict | None = None  # N, "auto" or {min, max}; None: the run's ray.site_replicas
     pair_types: tuple[str, ...] | None = None  # UmiF pair types this site offers; None: inferred from the manifest
+    spec: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # the YAML as written (on_node)
+    legacy_manifest_path: Path | None = None  # root/manifest.parquet, read when manifest_path is not built yet
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, data_root: str | Path = ".", source: str = "<dict>") -> SiteConfig:
@@ -80,9 +88,9 @@ class SiteConfig:
         name = d["name"]
         if not name.replace("-", "").replace("_", "").isalnum():
             raise fail(f"name '{name}' may only hold letters, digits, '-' and '_'")
-        from .adapters import list_adapters
+        from .adapters import ADAPTER_REGISTRY, list_adapters
 
-        if d["adapter"] not in list_adapters():
+        if d["adapter"] not in ADAPTER_REGISTRY:
             raise fail(f"adapter '{d['adapter']}' is not registered; known: {list_adapters()}")
         labels = d.get("labels") or {}
         if not isinstance(labels, dict):
@@ -93,9 +101,9 @@ class SiteConfig:
         if policy not in UNCERTAIN_POLICIES:
             raise fail(f"labels.uncertain_policy '{policy}' not in {UNCERTAIN_POLICIES}")
         objective = d.get("objective", "supervised")
-        from ..objectives import list_objectives
+        from ..objectives import OBJECTIVE_REGISTRY, list_objectives
 
-        if objective not in list_objectives():
+        if objective not in OBJECTIVE_REGISTRY:
             raise fail(f"objective '{objective}' not in {list_objectives()}")
         for key in ("adapter_options", "head", "placement"):
             if not isinstance(d.get(key) or {}, dict):
@@ -135,10 +143,19 @@ class SiteConfig:
                 raise fail("pair_types: image-only means the site offers no supervision to UmiF; it cannot be "
                            f"combined with {[t for t in pair_types if t != 'image-only']}")
             pair_types = tuple(pair_types)
+        from .adapters import get_adapter
+
+        try:  # a misspelt option is caught when the site is added, not when it is built
+            get_adapter(d["adapter"]).check_options(dict(d.get("adapter_options") or {}))
+        except ValueError as e:
+            raise fail(f"adapter_options: {e}") from None
         root = Path(d["root"]).expanduser()
         if not root.is_absolute():
             root = Path(data_root) / root
-        manifest = Path(d.get("manifest", "manifest.parquet"))
+        # Default: one manifest per site, so two sites sharing a root do not overwrite each other's;
+        # a manifest.parquet written before (the old default) is still read until the site is rebuilt.
+        legacy = None if "manifest" in d else root / LEGACY_MANIFEST
+        manifest = Path(d.get("manifest", f"{name}.manifest.parquet"))
         manifest = manifest if manifest.is_absolute() else root / manifest
         quarantine = Path(d["quarantine"]) if d.get("quarantine") else manifest.parent / "quarantine.jsonl"
         return cls(name=name, adapter=d["adapter"], root=root, manifest_path=manifest,
@@ -146,7 +163,8 @@ class SiteConfig:
                    description=d.get("description", ""), adapter_options=dict(d.get("adapter_options") or {}),
                    uncertain_policy=policy, head=head,
                    objective=objective, placement=placement, quarantine_path=quarantine, replicas=replicas,
-                   pair_types=pair_types)
+                   pair_types=pair_types, spec=dict(d),
+                   legacy_manifest_path=legacy)
 
     @classmethod
     def load(cls, path: str | Path, *, data_root: str | Path = ".") -> SiteConfig:
@@ -173,17 +191,47 @@ class SiteConfig:
         from dataclasses import replace
 
         return replace(self, root=self.root.resolve(), manifest_path=self.manifest_path.resolve(),
-                       quarantine_path=self.quarantine_path.resolve() if self.quarantine_path else None)
+                       quarantine_path=self.quarantine_path.resolve() if self.quarantine_path else None,
+                       legacy_manifest_path=self.legacy_manifest_path.resolve() if self.legacy_manifest_path else None)
+
+    def on_node(self) -> SiteConfig:
+        """The site as the node it runs on sees it: with ``$RAYCXR_DATA_ROOT`` set there, a relative ``root``
+        resolves against it; otherwise the paths stay as the driver resolved them (its ``sites.data_root``).
+        An absolute ``root`` and a custom ``quarantine`` path stay as given."""
+        local = os.environ.get(DATA_ROOT_ENV)
+        if not local or self.spec is None or Path(self.spec["root"]).expanduser().is_absolute():
+            return self
+        from dataclasses import replace
+
+        site = SiteConfig.from_dict(self.spec, data_root=Path(local).expanduser(),
+                                    source=str(self.yaml_path) if self.yaml_path else "<dict>").resolved()
+        return replace(site, quarantine_path=self.quarantine_path) if self.spec.get("quarantine") else site
+
+    @property
+    def manifest_file(self) -> Path:
+        """The manifest file read: ``manifest_path``, else the old shared ``manifest.parquet`` where only it exists."""
+        legacy = self.legacy_manifest_path
+        if not self.manifest_path.is_file() and legacy is not None and legacy.is_file():
+            return legacy
+        return self.manifest_path
+
+    @property
+    def dropped_path(self) -> Path:
+        """Where ``build_manifest`` lists the rows left out: ``<name>.dropped.csv`` next to a per-site manifest."""
+        name = self.manifest_path.name
+        if name == LEGACY_MANIFEST:
+            return self.manifest_path.with_name("dropped.csv")
+        return self.manifest_path.with_name(name.removesuffix(".parquet").removesuffix(".manifest") + ".dropped.csv")
 
     def has_manifest(self) -> bool:
-        return self.manifest_path.is_file()
+        return self.manifest_file.is_file()
 
     def load_manifest(self) -> Manifest:
         """The site's manifest; a missing one says how to build it."""
         if not self.has_manifest():
             raise FileNotFoundError(f"site '{self.name}': no manifest at {self.manifest_path}; run "
                                     f"`raycxr sites build {self.name}` (or `raycxr synth` for the demo sites)")
-        return Manifest.read(self.manifest_path)
+        return Manifest.read(self.manifest_file)
 
     def build_manifest(self, **overrides: Any) -> tuple[Manifest, list[dict]]:
         """Run the adapter over the site's data, write the manifest, and list dropped rows next to it."""
@@ -193,7 +241,7 @@ class SiteConfig:
 
         result = get_adapter(self.adapter).build(self.root, self.name, **{**self.adapter_options, **overrides})
         result.manifest.write(self.manifest_path)
-        dropped_path = self.manifest_path.with_name("dropped.csv")
+        dropped_path = self.dropped_path
         if result.dropped:
             with open(dropped_path, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=["image_id", "path", "reason"], extrasaction="ignore")
@@ -217,3 +265,13 @@ def discover_sites(sites_dir: str | Path, *, data_root: str | Path = ".") -> dic
                                   f"{out[site.name].yaml_path}")
         out[site.name] = site
     return out
+
+
+def select_sites(cfg: Any) -> dict[str, SiteConfig]:
+    """The sites a run uses: ``cfg.site_names`` (every registered site when unset) from ``cfg.sites``."""
+    sites = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
+    wanted = list(cfg.site_names) if cfg.get("site_names") else list(sites)
+    unknown = [s for s in wanted if s not in sites]
+    if unknown:
+        raise ValueError(f"unknown site(s) {unknown}; registered: {sorted(sites)}")
+    return {s: sites[s] for s in wanted}

@@ -1,6 +1,6 @@
 """``raycxr study``: does multi-source pretraining give a better encoder, in and out of distribution?
 
-The domain-pretraining protocol (``domain_pretraining.txt``) as a command: every pretraining strategy
+The domain-pretraining protocol (``Krones (arXiv:2605.08819)``) as a command: every pretraining strategy
 (a *row*: random init, the baselines, Ark, UniChest, self-supervised and image-report objectives, and
 any method registered later) is trained at the same budget, then transferred to one target site by
 linear probe, fine-tuning at 1 / 10 / 100 % of its training images and LP-FT, with several seeds, and

@@ -1,7 +1,7 @@
 """What a study's cells show: tables with seeds and confidence intervals, reliability curves, and the
 papers' claims checked on raycxr's corpus.
 
-Conventions (the domain-pretraining protocol, ``domain_pretraining.txt``):
+Conventions (the domain-pretraining protocol, ``Krones (arXiv:2605.08819)``):
 
 - every score is on a site's **test** split, over the target's classes that the site annotates;
   the target's test split is *in-distribution* (ID), every other site *out-of-distribution* (OOD);
@@ -10,7 +10,7 @@ Conventions (the domain-pretraining protocol, ``domain_pretraining.txt``):
   reports "not estimable" for that set's mean;
 - a row's figure is the mean over downstream seeds (± the standard deviation over seeds);
 - differences between rows are paired bootstrap intervals over test images
-  (:func:`raycxr.eval.metrics.contrast_bootstrap`), OOD ones averaged over the OOD sites.
+  (:func:`raycxr.engine.metrics.contrast_bootstrap`), OOD ones averaged over the OOD sites.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ..eval import metrics as M
+from ..engine import metrics as M
 from ..labels import canonical_name
 
 Key = tuple[str, str, float | None]  # (mode, row, fraction)
@@ -110,7 +110,8 @@ def analyse(cfg: DictConfig, rows: list, cells: list, records: dict[str, dict]) 
                                             "fractions": list(cfg.downstream.fractions),
                                             "seeds": list(cfg.downstream.seeds),
                                             "budget": OmegaConf.to_container(cfg.budget, resolve=True)}}
-    results["contrasts"] = contrasts(cfg, preds, sets, target, ood)
+    results["contrasts"] = contrasts(cfg, preds, sets, target, ood,
+                                     {r.name: r.control for r in rows if getattr(r, "control", None)})
     results["reliability"] = reliability(cfg, preds, sets, target)
     results["claims"] = claims(cfg, preds, sets, target, ood, table)
     return results
@@ -133,22 +134,35 @@ def _strata(preds: dict, terms: list[tuple[float, Key]], sites: list[str], sets:
     return out
 
 
+def _identical(strata: list) -> bool:
+    """Whether a two-term contrast compares the same predictions (every seed, every stratum)."""
+    return all(len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+               for ((_, a), (_, b)), _, _ in strata)
+
+
 def contrast(preds: dict, terms: list[tuple[float, Key]], sites: list[str], sets: dict, cfg: DictConfig,
              which: str = "diseases") -> dict[str, Any]:
     strata = _strata(preds, terms, sites, sets, which)
     if not strata:
         return {"estimate": None, "ci": [None, None], "n_strata": 0, "estimable": False}
+    if len(terms) == 2 and _identical(strata):
+        # the same predictions (two rows that ship the same encoder): a zero difference with a zero-width
+        # interval would read as evidence of no effect, when nothing was compared
+        return {"estimate": None, "ci": [None, None], "n_strata": len(strata), "estimable": False,
+                "identical": True}
     r = M.contrast_bootstrap(strata, n_boot=int(cfg.analysis.bootstrap), seed=int(cfg.seed))
     fin = [x if x is not None and math.isfinite(x) else None for x in (r["estimate"], *r["ci"])]
     return {"estimate": fin[0], "ci": fin[1:], "n_strata": r["n_strata"], "n_valid": r["n_valid"],
             "estimable": fin[0] is not None}
 
 
-def contrasts(cfg: DictConfig, preds: dict, sets: dict, target: str, ood: list[str]) -> list[dict[str, Any]]:
-    """Each row against ``random`` and ``mixed`` for every mode and fraction, ID and OOD (five diseases)."""
+def contrasts(cfg: DictConfig, preds: dict, sets: dict, target: str, ood: list[str],
+              controls: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Each row against ``random`` and ``mixed``, and against its own ``control`` row where it names one (the same
+    encoder untrained), for every mode and fraction, ID and OOD (five diseases)."""
     out = []
     for (mode, row, fr) in sorted(preds, key=lambda k: (k[0], k[1], k[2] or 0)):
-        for base in ("random", "mixed"):
+        for base in dict.fromkeys(("random", "mixed", *([controls[row]] if controls and row in controls else []))):
             other = (mode, base, fr)
             if row == base or other not in preds:
                 continue
@@ -184,6 +198,8 @@ def reliability(cfg: DictConfig, preds: dict, sets: dict, target: str) -> dict[s
 
 # -- the papers' claims --------------------------------------------------------------------------------
 def _verdict(c: dict[str, Any], *, expect_positive: bool = True) -> str:
+    if c.get("identical"):
+        return "not estimable (identical predictions)"
     if not c.get("estimable"):
         return "not estimable"
     lo, hi = c["ci"]
@@ -195,6 +211,8 @@ def _verdict(c: dict[str, Any], *, expect_positive: bool = True) -> str:
 
 
 def _fmt(c: dict[str, Any]) -> str:
+    if c.get("identical"):
+        return "– (identical predictions: the two rows ship the same encoder)"
     if not c.get("estimable"):
         return "not estimable"
     lo, hi = c["ci"]
@@ -236,7 +254,7 @@ def claims(cfg: DictConfig, preds: dict, sets: dict, target: str, ood: list[str]
         return (f"{_fmt(c)} mean AUC, {use[0][0].replace('_', '-')}, OOD sites", _verdict(c),
                 "zero-shot over the target's class names on every OOD site" if use is zs else "fine-tuned on 100 %")
     add("UniChest divide beats conquer out of distribution", "+4.86 % AUC (Shenzhen), +2.41 % (SIIM), zero-shot",
-        "unichest.txt Table VI", list(use), c1)
+        "UniChest (TMI 2024) Table VI", list(use), c1)
 
     def c2():
         per = {s: diff(("ft", "unichest_conquer", full), ("ft", "unichest_conquer_single", full), [s])
@@ -249,20 +267,20 @@ def claims(cfg: DictConfig, preds: dict, sets: dict, target: str, ood: list[str]
         verdict = "reproduced" if len(wins) < len(est) else "not reproduced (multi-source wins everywhere)"
         return text, verdict, f"multi-source significantly better on {len(wins)} of {len(est)} sites"
     add("Multi-source conquer does not consistently beat single-source",
-        "+6.08 % on ChestX-ray14, −3.26 % F1/AP on SIIM (rows 1 vs 2)", "unichest.txt Table VI",
+        "+6.08 % on ChestX-ray14, −3.26 % F1/AP on SIIM (rows 1 vs 2)", "UniChest (TMI 2024) Table VI",
         [("ft", "unichest_conquer", full), ("ft", "unichest_conquer_single", full)], c2)
 
     def c3():
         c = diff(("ft", "ark", full), ("ft", "ark_minus_one", full), [target])
         return f"{_fmt(c)} ID mean AUC, fine-tuned on 100 %", _verdict(c), ""
     add("Ark with one more source beats Ark without it (Ark-6 > Ark-5)", "+0.41 AUC on ChestX-ray14 (89.14 vs 88.73)",
-        "ark.txt Table 2", [("ft", "ark", full), ("ft", "ark_minus_one", full)], c3)
+        "Ark (MICCAI 2023) Table 2", [("ft", "ark", full), ("ft", "ark_minus_one", full)], c3)
 
     def c4():
         c = diff(("lp", "ark", full), ("lp", "concurrent", full), [target, *ood])
         return f"{_fmt(c)} mean AUC, linear probe, all sites", _verdict(c), "the frozen encoder's quality"
     add("Cyclic training (Ark) learns where concurrent multi-task training struggles", "qualitative (§2)",
-        "ark.txt §2", [("lp", "ark", full), ("lp", "concurrent", full)], c4)
+        "Ark (MICCAI 2023) §2", [("lp", "ark", full), ("lp", "concurrent", full)], c4)
 
     for a, paper in (("clip", "CheXpert FT 1 %: 78.19 vs 72.83; 10 %: 82.90 vs 78.33"),
                      ("slip", "CheXpert FT 1 %: 77.84 vs 72.83; 10 %: 81.67 vs 78.33")):
@@ -274,13 +292,15 @@ def claims(cfg: DictConfig, preds: dict, sets: dict, target: str, ood: list[str]
             v = "reproduced" if all(x == "reproduced" for x in verdicts) else (
                 "not estimable" if all(x == "not estimable" for x in verdicts) else "not reproduced")
             return "; ".join(f"{f * 100:g} %: {_fmt(c)}" for f, c in cs.items()), v, "ID mean AUC"
-        add(f"{a.upper()} beats SimCLR with 1 % and 10 % of the labels", paper, "reports_vs_ssl.txt Table 1", keys, cx)
+        add(f"{a.upper()} beats SimCLR with 1 % and 10 % of the labels", paper, "Huang et al. (MIDL 2023) Table 1",
+            keys, cx)
 
     def c7():
         c = diff(("lp", "clip", full), ("lp", "simclr", full), ood)
         return f"{_fmt(c)} OOD mean AUC, linear probe", _verdict(c), ""
     add("Image-report (CLIP) pretraining is more robust out of distribution than SimCLR",
-        "NIH (OOD) LP: 83.80 vs 77.00", "reports_vs_ssl.txt §5", [("lp", "clip", full), ("lp", "simclr", full)], c7)
+        "NIH (OOD) LP: 83.80 vs 77.00", "Huang et al. (MIDL 2023) §5", [("lp", "clip", full), ("lp", "simclr", full)],
+        c7)
 
     def c8():
         c = diff(("ft", "mixed", full), ("ft", "random", full), [target])
@@ -291,7 +311,7 @@ def claims(cfg: DictConfig, preds: dict, sets: dict, target: str, ood: list[str]
                  "pretrained encoder (benchmarks/finetune_protocol.py)")
         return f"{_fmt(c)} ID mean AUC, fine-tuned on 100 %", _verdict(c), note
     add("Domain-matched pretraining beats random initialisation", "ViT-s: 0.797 vs 0.648 on NIH (3.3 vs 2.1)",
-        "domain_pretraining.txt Table 2", [("ft", "mixed", full), ("ft", "random", full)], c8)
+        "Krones (arXiv:2605.08819) Table 2", [("ft", "mixed", full), ("ft", "random", full)], c8)
 
     def c9():
         id_std, ood_std = [], []
@@ -308,7 +328,7 @@ def claims(cfg: DictConfig, preds: dict, sets: dict, target: str, ood: list[str]
         return (f"mean std over seeds: OOD {a:.4f} vs ID {b:.4f}", "reproduced" if a > b else "not reproduced",
                 "fine-tuned on 100 %, every row")
     add("Out-of-distribution variance across seeds is larger than in-distribution",
-        "e.g. VinDr 0.0262 vs NIH 0.0065 (exp. 1.1)", "domain_pretraining.txt Table 2", [("ft", "random", full)], c9)
+        "e.g. VinDr 0.0262 vs NIH 0.0065 (exp. 1.1)", "Krones (arXiv:2605.08819) Table 2", [("ft", "random", full)], c9)
 
     cnn_vit = [("ft", "mixed", full), ("ft", "random", full), ("ft", "mixed_vit", full), ("ft", "random_vit", full)]
 
@@ -319,5 +339,29 @@ def claims(cfg: DictConfig, preds: dict, sets: dict, target: str, ood: list[str]
                 "gain = pretrained (mixed) − random init, fine-tuned on 100 %")
     add("CNNs are less affected by initialisation than ViTs",
         "ResNet50 random→ImageNet +0.052 vs ViT-s +0.130 (NIH, 1.1/1.2 vs 2.1/2.2)",
-        "domain_pretraining.txt Table 2", cnn_vit, c10)
+        "Krones (arXiv:2605.08819) Table 2", cnn_vit, c10)
+
+    # the ablation groups (raycxr/configs/study.yaml, ablation_rows): "not run" unless the study includes them
+    ark_ln = [("ft", "ark_ln", full), ("ft", "random_ln", full)]
+
+    def c11():
+        c = diff(*ark_ln, [target])
+        note = "ConvNeXt-atto (LayerNorm) for both, fine-tuned on 100 %"
+        if have(("lp", "ark_ln", full), ("lp", "random_ln", full)):
+            lp = diff(("lp", "ark_ln", full), ("lp", "random_ln", full), [target, *ood])
+            note += f"; linear probe, all sites {_fmt(lp)}"
+        return f"{_fmt(c)} ID mean AUC", _verdict(c), note
+    add("Ark pretraining beats its own untrained encoder (equal, batch-independent encoder)",
+        "training from scratch is the lower bound on every target task", "Ark (MICCAI 2023) §3.1, Table 2", ark_ln,
+        c11)
+
+    copy = [("ft", "unichest_copy", full), ("ft", "unichest", full)]
+
+    def c12():
+        c_id, c_ood = diff(*copy, [target]), diff(*copy, ood)
+        return (f"ID {_fmt(c_id)}; OOD {_fmt(c_ood)} mean AUC", _verdict(c_ood),
+                "unichest.expert_init=copy − random (the authors' initialisation), fine-tuned on 100 %")
+    add("Divide started from copies of the shared query network beats divide from random experts",
+        "not in the paper: the authors' experts start at random and catch up over 20–100 divide epochs",
+        "UniChest (TMI 2024) §III-B, Eq. 5", copy, c12)
     return out

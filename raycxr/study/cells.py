@@ -30,7 +30,7 @@ import torch
 DONE = "cell.json"
 
 
-RUNTIME_KEYS = ("threads", "cache")  # how a cell runs, not what it computes: a change does not rerun it
+RUNTIME_KEYS = ("threads", "cache", "device")  # how a cell runs, not what it computes: a change does not rerun it
 
 
 def spec_digest(spec: dict[str, Any]) -> str:
@@ -129,6 +129,12 @@ def _score(model: torch.nn.Module, spec: dict[str, Any], image_size: int) -> dic
     return arrays
 
 
+def cell_device(spec: dict[str, Any]) -> torch.device:
+    """Where a downstream cell runs (``downstream.device``; ``auto``: the GPU when this process sees one)."""
+    d = str(spec.get("device") or "auto")
+    return torch.device("cuda" if d == "auto" and torch.cuda.is_available() else "cpu" if d == "auto" else d)
+
+
 def _save(out: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = out / "pred.tmp.npz"
     np.savez_compressed(tmp, **arrays)
@@ -140,7 +146,7 @@ def _embed(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     from ..models.classifiers import EmbeddingModel
 
     encoder, size, _ = load_encoder(spec)
-    model = EmbeddingModel(encoder).eval()
+    model = EmbeddingModel(encoder).eval().to(cell_device(spec))
     sites = _sites(spec)
     target = sites[spec["target"]]
     tr = predict_site(model, target, spec["classes"], split="train", image_size=size,
@@ -190,7 +196,8 @@ def _downstream(spec: dict[str, Any], out: Path) -> dict[str, Any]:
                                        lr=float(spec["lr"]), head_lr=float(spec["head_lr"]), head_init=head,
                                        desc=spec["key"], cache=bool(spec.get("cache")),
                                        schedule=str(spec.get("schedule", "cosine")),
-                                       min_steps=int(spec.get("min_steps") or 0))
+                                       min_steps=int(spec.get("min_steps") or 0), device=cell_device(spec),
+                                       layer_decay=spec.get("layer_decay"), warmup=float(spec.get("warmup") or 0.0))
         arrays = _score(model, spec, size)
     _save(out, arrays)
     return {"n_train": int(len(idx)), "steps": int(steps), "fraction": spec["fraction"], "seed": spec["seed"]}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..eval.report import Block, grouped_bars, jsonable, pyplot, render_html, render_markdown, save_figure
+from ..eval.report import Block, grouped_bars, jsonable, pyplot, render_html, report_markdown, save_figure
 
 
 def modes(results: dict) -> list[tuple[str, float | None, str]]:
@@ -112,7 +112,8 @@ def blocks(results: dict, figures: dict[str, str]) -> list[Block]:
             pd_rows.append([r] + [f"{pdz[d]['mean']:.3f}" if d in pdz and pdz[d]["estimable"] else "–"
                                   for d in diseases])
         b.append(("table", ["row"] + diseases, pd_rows))
-    b.append(("h", 2, "Against random init and against mixed (paired bootstrap, five diseases)"))
+    b.append(("h", 2, "Against random init, against mixed and against a row's own control (paired bootstrap, five "
+                      "diseases)"))
     crow = [[c["row"], f"{c['mode']} {c['fraction'] * 100:g} %" if c["fraction"] is not None else c["mode"],
              c["against"], _fmt_ci(c["id"]), _fmt_ci(c["ood"])]
             for c in results["contrasts"] if c["fraction"] in (1.0, None) or c["mode"] == "ft"]
@@ -235,9 +236,9 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         if path is not None:
             figures[key] = path.name
     blk = blocks(results, figures)
-    (out / "report.md").write_text(render_markdown(blk))
+    (out / "report.md").write_text(report_markdown(blk))
     (out / "report.html").write_text(render_html(blk, "raycxr study"))
     claims = [b for b in blk if b[0] == "table"][0]
-    (out / "claims.md").write_text(render_markdown([("h", 1, "raycxr study: claims"), claims]))
+    (out / "claims.md").write_text(report_markdown([("h", 1, "raycxr study: claims"), claims]))
     (out / "results.json").write_text(json.dumps(jsonable(results), indent=1, allow_nan=False))
     return out / "report.md"

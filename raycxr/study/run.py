@@ -1,7 +1,7 @@
 """``raycxr study``: plan the cells of a study, run what is not cached (in this process or as Ray tasks),
 then analyse and report.
 
-A study is a config (``configs/study.yaml``): the corpus, the target site, the rows (pretraining
+A study is a config (``raycxr/configs/study.yaml``): the corpus, the target site, the rows (pretraining
 strategies), the budget every row gets, the downstream protocol (fractions, seeds, linear probe,
 fine-tuning, LP-FT, zero-shot) and the analysis. Its folder (``out``) holds ``study.json`` (the settings
 it was started with), ``sites/`` (the corpus's registered sites), ``cells/`` (every cell's cached
@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .cells import cached_record, run_cell
+from .cells import RUNTIME_KEYS, cached_record, run_cell
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Row:
     sites: tuple[str, ...]
     backbone: str
     overrides: tuple[str, ...] = ()
+    control: str | None = None  # the row it is compared with beside random and mixed (its untrained encoder)
 
 
 @dataclass
@@ -59,7 +60,7 @@ def build_rows(cfg: DictConfig) -> list[Row]:
         raise ValueError(f"study ablations {unknown} are not groups of ablation_rows ({sorted(groups)})")
     extra = [r for g in cfg.get("ablations") or [] for r in groups[g]]
     for r in [*OmegaConf.to_container(cfg.rows, resolve=True), *extra]:
-        unknown = set(r) - {"name", "method", "sites", "backbone", "overrides"}
+        unknown = set(r) - {"name", "method", "sites", "backbone", "overrides", "control"}
         if unknown:
             raise ValueError(f"study row {r.get('name', r)}: unknown keys {sorted(unknown)}")
         if r["name"] in names:
@@ -69,12 +70,15 @@ def build_rows(cfg: DictConfig) -> list[Row]:
             raise ValueError(f"study row '{r['name']}': backbone '{backbone}' is not one of {list(cfg.backbones)}")
         names.add(r["name"])
         rows.append(Row(r["name"], r.get("method"), tuple(r.get("sites") or cfg.pretrain_sites), backbone,
-                        tuple(r.get("overrides") or ())))
+                        tuple(r.get("overrides") or ()), r.get("control")))
     if cfg.include_registered:
         used = {r.method for r in rows[:len(rows) - len(extra)]}  # an ablation row does not stand for its method
         for m in list_methods():
             if m not in used and m not in cfg.skip_methods:
                 rows.append(Row(m, m, tuple(cfg.pretrain_sites), "cnn"))
+    missing = [f"{r.name} -> {r.control}" for r in rows if r.control is not None and r.control not in names]
+    if missing:
+        raise ValueError(f"study rows name a control that is not a row of this study: {missing}")
     return rows
 
 
@@ -108,7 +112,7 @@ def plan(cfg: DictConfig, rows: list[Row], classes: list[str], eval_sites: list[
     threads = cell_threads(cfg)
     common = {"sites_dir": str(cfg.sites.sites_dir), "data_root": str(cfg.sites.data_root), "target": cfg.target,
               "eval_sites": eval_sites, "classes": classes, "batch_size": int(d.batch_size),
-              "threads": threads, "cache": bool(d.get("cache", False))}
+              "threads": threads, "cache": bool(d.cache), "device": str(d.device)}
     budget_images = int(cfg.budget.steps) * int(cfg.budget.batch_size)
     n_eval = 200 * len(eval_sites)  # rough: test images scored per cell
     n_train = train_sizes[cfg.target]
@@ -127,9 +131,11 @@ def plan(cfg: DictConfig, rows: list[Row], classes: list[str], eval_sites: list[
         cells.append(Cell({**common, **enc, "kind": "embed", "key": f"embed/{row.name}", "row": row.name,
                            "dir": str(edir)}, deps, cost=n_train + n_eval))
         ds = {**common, **enc, "embed_dir": str(edir), "C": float(d.C), "max_iter": int(d.max_iter),
-              "epochs": int(d.epochs), "max_steps": d.get("max_steps"), "lr": float(d.lr), "head_lr": float(d.head_lr),
-              "schedule": str(d.get("schedule", "cosine")), "min_steps": int(d.get("min_steps") or 0),
-              "min_images": int(d.min_images)}
+              "epochs": int(d.epochs), "max_steps": d.max_steps, "lr": float(d.lr), "head_lr": float(d.head_lr),
+              "schedule": str(d.schedule), "min_steps": int(d.min_steps or 0),
+              "min_images": int(d.min_images),
+              # set only when used, so that the cells of studies made before these knobs keep their digests
+              **{k: float(d[k]) for k in ("warmup", "layer_decay") if d[k] is not None}}
         after = [*deps, f"embed/{row.name}"]
         modes = (["lp"] if d.linear_probe else []) + ["ft"]
         for seed in d.seeds:
@@ -182,8 +188,11 @@ def prepare_corpus(cfg: DictConfig) -> dict[str, Any]:
 def _fingerprint(cfg: DictConfig, corpus: dict[str, Any]) -> dict[str, Any]:
     """What a resumed study must share with the run that made its cells (rows may be added)."""
     keep = ("target", "pretrain_sites", "pretrain", "budget", "backbones", "downstream", "seed")
-    return {"corpus": corpus, **{k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
-                                 else cfg[k] for k in keep}}
+    fp = {"corpus": corpus, **{k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+                               else cfg[k] for k in keep}}
+    # where a cell runs (device, decode cache) does not change what it computes
+    fp["downstream"] = {k: v for k, v in fp["downstream"].items() if k not in RUNTIME_KEYS}
+    return fp
 
 
 def _check_same_study(out: Path, fp: dict[str, Any], rows: list[Row]) -> None:
@@ -259,7 +268,7 @@ def _execute_ray(todo: list[Cell], records: dict, cfg: DictConfig, bar: tqdm) ->
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
-    task = ray.remote(num_cpus=float(cfg.cpus_per_cell), max_retries=1)(run_cell)
+    task = ray.remote(num_cpus=float(cfg.cpus_per_cell), num_gpus=float(cfg.gpus_per_cell), max_retries=1)(run_cell)
     pending = {c.key: c for c in todo}
     running: dict[Any, Cell] = {}
     while pending or running:

@@ -97,11 +97,6 @@ class ChestGeometry:
     view: str
     extra: dict = field(default_factory=dict)
 
-    @property
-    def thorax_width(self) -> int:
-        return self.thorax[2] - self.thorax[0]
-
-
 def place_lungs(atlas_mask: np.ndarray, size: int, rng: np.random.Generator, *,
                 lung_height: float = 1.0) -> np.ndarray:
     """Position one atlas mask in a chest frame with a random scale, shift and small rotation."""

@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import shutil
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -177,6 +178,12 @@ def sample_rows(table: Manifest, n: int, rng: np.random.Generator, enrich: dict 
 
 
 # -- a whole corpus -----------------------------------------------------------------------------
+def _default_sigterm() -> None:
+    """A forked worker must die on the SIGTERM that ``Pool`` ends it with: a handler inherited from the parent
+    (Ray installs one in a process that runs a node, which waits for the node to drain) would hang the pool."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def synthesize(out: str | Path, sites: Sequence[str | dict] = DEFAULT_SITES, *, n_per_site: int = 400,
                seed: int = 0, render_size: int = 256, workers: int = 2, overwrite: bool = False,
                preview: bool = True, progress: bool = True, enrich: dict | None = None,
@@ -222,7 +229,7 @@ def synthesize(out: str | Path, sites: Sequence[str | dict] = DEFAULT_SITES, *, 
                  for i, r in enumerate(rows)]
         desc = f"synth {spec.name:<10}"
         if workers > 1:
-            with ctx.Pool(workers) as pool:
+            with ctx.Pool(workers, initializer=_default_sigterm) as pool:
                 records = list(tqdm(pool.imap(render_one, tasks, chunksize=8), total=len(tasks), desc=desc,
                                     disable=not progress))
         else:

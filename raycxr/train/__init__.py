@@ -1,3 +1,3 @@
-"""Training: the schedule driver (``driver``), the single-process runner (``local``), the Ray Train
-runner (``ray_runner``, launched through ``ray_launch``), validation, and the supervised fine-tuning loop
-(``supervised``) that downstream evaluation and segmentation share."""
+"""Training: the schedule driver (``driver``) and the single-process runner (``local``). The Ray Train
+runner and its launcher live in :mod:`raycxr.ray`; validation and the supervised fine-tuning loop in
+:mod:`raycxr.engine`."""

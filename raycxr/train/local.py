@@ -19,17 +19,9 @@ from ..checkpoint import Checkpoint
 from ..dataset import SiteDataset, collate_skip_none, site_dataset
 from ..labels import UnionLabelSpace
 from ..methods import get_method, import_plugins
-from ..sites.config import SiteConfig, discover_sites
+from ..sites.config import SiteConfig, select_sites  # noqa: F401 - select_sites: its old home, still imported from here
+from ..transforms import BatchAugment, batch_augment_from_config
 from .driver import Run, train_method
-
-
-def select_sites(cfg: DictConfig) -> dict[str, SiteConfig]:
-    sites = discover_sites(cfg.sites.sites_dir, data_root=cfg.sites.data_root)
-    wanted = list(cfg.site_names) if cfg.get("site_names") else list(sites)
-    unknown = [s for s in wanted if s not in sites]
-    if unknown:
-        raise ValueError(f"unknown site(s) {unknown}; registered: {sorted(sites)}")
-    return {s: sites[s] for s in wanted}
 
 
 class DataWait:
@@ -53,10 +45,13 @@ _END = object()
 class EpochLoader:
     """A DataLoader whose shuffle order is a function of (seed, epoch): ``set_epoch`` before iterating,
     so a resumed run sees every epoch in the order an uninterrupted run would. ``wait``: where the time
-    spent waiting for each batch goes (training loaders)."""
+    spent waiting for each batch goes (training loaders); ``augment``: the batches' augmentation on the
+    trainer's device (``transforms.augment=device``), applied where they are copied there
+    (:func:`raycxr.engine.device.limited`)."""
 
-    def __init__(self, ds: Dataset, cfg: DictConfig, *, shuffle: bool = True, wait: DataWait | None = None) -> None:
-        self.wait = wait
+    def __init__(self, ds: Dataset, cfg: DictConfig, *, shuffle: bool = True, wait: DataWait | None = None,
+                 augment: BatchAugment | None = None) -> None:
+        self.wait, self.augment = wait, augment
         self.seed = int(cfg.seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.num_workers,
@@ -117,19 +112,20 @@ class LocalData:
         """Every site's train split in one shuffled stream, union targets (``second_view`` as in
         :func:`raycxr.dataset.site_dataset`)."""
         return EpochLoader(ConcatDataset(list(self.datasets(union=True, second_view=second_view).values())), self.cfg,
-                           wait=self.wait)
+                           wait=self.wait, augment=train_augment(self.cfg))
 
     def site_loaders(self, second_view: bool = True) -> dict[str, EpochLoader]:
-        return {n: EpochLoader(d, self.cfg, wait=self.wait) for n, d in self.datasets(second_view=second_view).items()}
+        return {n: EpochLoader(d, self.cfg, wait=self.wait, augment=train_augment(self.cfg, stream=i))
+                for i, (n, d) in enumerate(self.datasets(second_view=second_view).items())}
 
     def val_batches(self) -> Iterable | None:
         """Un-augmented val split of every site, union targets (``None`` when validation is off)."""
         if not val_enabled(self.cfg):
             return None
         if self._val is None:  # built once: every unit scores the same images
-            sets: list[Dataset] = list(self.datasets(split=self.cfg.val.get("split", "val"), train=False,
+            sets: list[Dataset] = list(self.datasets(split=self.cfg.val.split, train=False,
                                                      union=True).values())
-            limit = self.cfg.val.get("limit")
+            limit = self.cfg.val.limit
             if limit:
                 sets = [torch.utils.data.Subset(d, range(min(int(limit), len(d)))) for d in sets]
             self._val = EpochLoader(ConcatDataset(sets), self.cfg, shuffle=False)
@@ -154,8 +150,15 @@ class LocalData:
         pass
 
 
+def train_augment(cfg: DictConfig, rank: int = 0, stream: int = 0) -> BatchAugment | None:
+    """A training loader's augmentation on the trainer's device (None with ``transforms.augment=host``),
+    seeded per run, Train worker and loader so that a run repeats and no two draw the same."""
+    return batch_augment_from_config(OmegaConf.to_container(cfg.transforms, resolve=True),
+                                     seed=int(cfg.seed) * 1009 + 7919 * int(rank) + 104729 * int(stream))
+
+
 def val_enabled(cfg: DictConfig) -> bool:
-    return bool(cfg.get("val") and cfg.val.get("enabled", True))
+    return bool(cfg.val.enabled)
 
 
 def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
