@@ -49,7 +49,7 @@ def absolute_paths(cfg: DictConfig) -> None:
 
 def placement_timeout(cfg: DictConfig) -> float:
     """``ray.placement_timeout_s``: how long anything waits for a site's node before failing by name."""
-    return float(cfg.ray.get("placement_timeout_s") or 120)
+    return float(cfg.ray.placement_timeout_s)
 
 
 # What makes two launches the same run: a second launch into the same Train run (same name and storage)
@@ -140,7 +140,7 @@ def start_site_replicas(cfg: DictConfig, sites: dict[str, SiteConfig], run_name:
     import ray
 
     transforms = OmegaConf.to_container(cfg.transforms, resolve=True)
-    cpus = float(cfg.ray.get("site_cpus") or 0)
+    cpus = float(cfg.ray.site_cpus)
     pools = {n: [start_site_actor(s, transforms=transforms, site_index=i, seed=int(cfg.seed), run_name=run_name,
                                   max_restarts=cfg.ray.actor_max_restarts, replica=r, num_cpus=cpus)
                  for r in range(replicas or site_replicas(cfg, s))]
@@ -180,7 +180,7 @@ def start_site_pools(cfg: DictConfig, sites: dict[str, SiteConfig], run_name: st
             opts["label_selector"] = placement_options(s)["label_selector"]
         out[n] = ray.remote(SitePool).options(**opts).remote(
             s.resolved(), transforms, i, int(cfg.seed), run_name, len(replicas[n]), asdict(policy), consumers,
-            int(cfg.ray.actor_max_restarts), float(cfg.ray.get("site_cpus") or 0))
+            int(cfg.ray.actor_max_restarts), float(cfg.ray.site_cpus))
         # as for the site actors: the first handle owns the actor, so the driver keeps it (a resumed run in
         # the same process gets the same pool by name, with the replicas it started)
         keep_handle(opts["name"], out[n])
